@@ -1,0 +1,39 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llmtrain",
+    version="0.1.0",
+    description="Pretrain decoder-only language models with DeepSpeed: raw text to Hugging Face.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llmtrain", "llmtrain.*"]) + ["llmtrain.kernels"],
+    # Kernels live at the top level of the repository but install as llmtrain.kernels: a
+    # top-level package named `kernels` would collide with an unrelated PyPI package.
+    package_dir={"llmtrain.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.17",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "parquet": ["pyarrow>=14"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "gpu": ["triton>=3.0"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "ruff>=0.6",
+            "transformers>=4.44",
+            "triton>=3.0; platform_system == 'Linux'",
+            "pyarrow>=14",
+            "tensorboard>=2.14",
+        ],
+    },
+    entry_points={"console_scripts": ["llmtrain=llmtrain.cli:main"]},
+)
