@@ -1,2 +1,99 @@
 """Fused Triton kernels (RMSNorm, SwiGLU, chunked linear + cross-entropy), installed as
-`llmtrain.kernels`. Each has a plain PyTorch reference; importing this package never needs Triton."""
+`llmtrain.kernels`. Each has a plain PyTorch reference; importing this package never needs Triton.
+
+Dispatch, per call: the Triton kernel runs when Triton imports and the tensors are on a CUDA device,
+or when TRITON_INTERPRET=1 is set (Triton's interpreter then runs the kernels on CPU tensors, slowly:
+for tests). Otherwise the PyTorch reference runs. The fused cross-entropy is chunked in both cases, so
+the memory saving holds on every device; only the per-chunk softmax differs.
+
+Tolerances against the references (tests/kernels): fp32 within 1e-5 (relative and absolute); bf16
+within one or two bf16 ulps (rtol 2e-2, atol 2e-2 on O(1) values), because both round once from fp32
+but the interpreter rounds by truncation where GPUs round to nearest even.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .chunked_ce import chunked_linear_cross_entropy, default_chunk_size
+from .reference import chunk_cross_entropy_ref, naive_linear_cross_entropy, rms_norm_ref, swiglu_ref
+
+__all__ = [
+    "available",
+    "default_chunk_size",
+    "fused_linear_cross_entropy",
+    "naive_linear_cross_entropy",
+    "rms_norm",
+    "rms_norm_ref",
+    "swiglu",
+    "swiglu_ref",
+]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails while loading its backends
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the Triton kernels can run here: Triton imports and a CUDA device (or the interpreter)."""
+    return _triton_importable() and (_interpret() or torch.cuda.is_available())
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    if _interpret():
+        return _triton_importable()
+    return all(t.is_cuda for t in tensors) and _triton_importable()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x.dtype."""
+    if _use_triton(x, weight):
+        from .triton_rmsnorm import RMSNormFunction
+
+        return RMSNormFunction.apply(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in fp32, returned in gate.dtype."""
+    if _use_triton(gate, up):
+        from .triton_swiglu import SwiGLUFunction
+
+        return SwiGLUFunction.apply(gate, up)
+    return swiglu_ref(gate, up)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` over non-ignored tokens, without
+    materializing the (tokens x vocab) logits.
+
+    hidden (N, D) or (..., D); weight (V, D) (a slice weight[:vocab] of a padded head is fine);
+    targets (N,) or (...) with ignore_index marking tokens that do not count. chunk_size None picks
+    default_chunk_size(N, D, V). Same value and gradients as F.cross_entropy(hidden @ weight.T) (nan
+    when every target is ignored, as there).
+    """
+    if _use_triton(hidden, weight):
+        from .triton_ce import chunk_cross_entropy_triton
+
+        chunk_ce = chunk_cross_entropy_triton
+    else:
+        chunk_ce = chunk_cross_entropy_ref
+    return chunked_linear_cross_entropy(hidden, weight, targets, chunk_ce, ignore_index, chunk_size)

@@ -1,8 +1,11 @@
-"""Typed configuration of the decoder-only Transformer."""
+"""Typed configuration of the decoder-only Transformer, and the shape checks run at build time."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+KERNEL_NAMES = ("rmsnorm", "swiglu", "fused_ce")
 
 
 @dataclass
@@ -36,3 +39,87 @@ class ModelConfig:
     compile: bool = False
     kernels: list[str] = field(default_factory=list)
     """Fused Triton kernels to use where available: rmsnorm, swiglu, fused_ce."""
+
+    # Derived shapes: one place that resolves the `None = family default` fields.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.arch == "gpt2":
+            return 4 * self.d_model
+        return 256 * math.ceil(int(2 * 4 * self.d_model / 3) / 256)
+
+    @property
+    def use_bias(self) -> bool:
+        return self.bias if self.bias is not None else self.arch == "gpt2"
+
+    @property
+    def padded_vocab(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("vocab_size is not set")
+        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+
+
+def check_model_config(cfg: ModelConfig, *, need_vocab: bool = True) -> None:
+    """Raise ConfigError naming the `model.*` key whose value cannot build a model.
+
+    `need_vocab=False` is for compose time, before the tokenizer has supplied the vocabulary.
+    """
+    # Imported here: llmtrain.config imports this module for the schema.
+    from llmtrain.config import ConfigError
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"model.{key}: {message}")
+
+    check(cfg.arch in ("llama", "gpt2"), "arch", f"must be llama or gpt2, got {cfg.arch!r}")
+    for key in ("n_layers", "d_model", "n_heads", "max_seq_len", "vocab_multiple"):
+        value = getattr(cfg, key)
+        check(isinstance(value, int) and value >= 1, key, f"must be a positive integer, got {value!r}")
+    check(
+        cfg.d_model % cfg.n_heads == 0,
+        "n_heads",
+        f"{cfg.n_heads} heads do not divide model.d_model={cfg.d_model}",
+    )
+    kv = cfg.kv_heads
+    check(
+        kv >= 1 and cfg.n_heads % kv == 0,
+        "n_kv_heads",
+        f"{kv} key/value heads must be at least 1 and divide model.n_heads={cfg.n_heads}",
+    )
+    if cfg.arch == "llama":
+        check(
+            cfg.head_dim % 2 == 0,
+            "n_heads",
+            f"rotary embeddings need an even head dim, got model.d_model/model.n_heads = "
+            f"{cfg.d_model}/{cfg.n_heads} = {cfg.head_dim}",
+        )
+    check(
+        cfg.ffn_hidden is None or cfg.ffn_hidden >= 1, "ffn_hidden", f"must be positive, got {cfg.ffn_hidden}"
+    )
+    if cfg.vocab_size is None:
+        check(
+            not need_vocab,
+            "vocab_size",
+            "is not set: it comes from the tokenizer (run `llmtrain prepare` first) or set model.vocab_size",
+        )
+    else:
+        check(cfg.vocab_size >= 1, "vocab_size", f"must be positive, got {cfg.vocab_size}")
+    check(0.0 <= cfg.dropout < 1.0, "dropout", f"must be in [0, 1), got {cfg.dropout}")
+    check(cfg.norm_eps > 0, "norm_eps", f"must be positive, got {cfg.norm_eps}")
+    check(cfg.rope_theta > 0, "rope_theta", f"must be positive, got {cfg.rope_theta}")
+    check(cfg.init_std > 0, "init_std", f"must be positive, got {cfg.init_std}")
+    for name in cfg.kernels:
+        check(
+            name in KERNEL_NAMES, "kernels", f"unknown kernel {name!r}; choose from {', '.join(KERNEL_NAMES)}"
+        )
+        if name in ("rmsnorm", "swiglu"):
+            check(cfg.arch == "llama", "kernels", f"{name} applies to arch=llama only (arch is {cfg.arch})")

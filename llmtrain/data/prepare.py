@@ -1,0 +1,414 @@
+"""`llmtrain prepare`: train (or reuse) the tokenizer, then tokenize every source into shards.
+
+The main process reads documents in their fixed order, cuts them into chunks and hands the chunks
+to a pool of worker processes; results come back in submission order, so the shards are
+byte-identical whatever the worker count. Each source's train and validation documents go to
+`shards/<source>/{train,val}_NNNNN`; a shard closes at the first document end past
+`prepare.shard_tokens`. A source is finished when `shards/<source>/done.json` exists; an
+interrupted source resumes after its last complete shard.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from itertools import chain
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmtrain.config import Config, ConfigError
+from llmtrain.data.config import SourceConfig
+from llmtrain.data.corpus import SPLITS, ReadStats, iter_documents, list_files, split_of
+from llmtrain.data.shards import (
+    ShardReader,
+    ShardWriter,
+    dtype_for_vocab,
+    list_shards,
+    shard_dir,
+    shard_prefix,
+)
+from llmtrain.data.tokenizer import Tokenizer, get_tokenizer
+from llmtrain.errors import DataError
+
+DONE_FILE = "done.json"
+_CHUNK_DOCS = 64
+_CHUNK_CHARS = 1 << 20
+
+
+# ---- worker side -------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_bytes: bytes) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    _WORKER.update(sp=sp, eos=sp.eos_id(), dtype=dtype_for_vocab(sp.get_piece_size()))
+
+
+def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens of all texts back to back, each followed by EOS; tokens per text; UTF-8 bytes per text)."""
+    sp, eos = _WORKER["sp"], _WORKER["eos"]
+    ids = sp.encode(texts, out_type=int, num_threads=1)
+    for doc in ids:
+        doc.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.array(list(chain.from_iterable(ids)), dtype=_WORKER["dtype"])
+    nbytes = np.fromiter(
+        (len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts),
+        dtype=np.int64,
+        count=len(texts),
+    )
+    return flat, lengths, nbytes
+
+
+class _Encoder:
+    """Ordered encoding of chunks: in-process for one worker, else a process pool with a bounded
+    number of chunks in flight (results are taken in submission order)."""
+
+    def __init__(self, tok: Tokenizer, workers: int):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            # spawn: safe whatever threads the parent runs (tqdm, torch); children import only numpy
+            # and sentencepiece
+            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.model_bytes,))
+        else:
+            _init_worker(tok.model_bytes)
+        self.pending: deque = deque()
+
+    def submit(self, chunk: list[str], meta) -> None:
+        if self.pool is None:
+            self.pending.append((meta, encode_chunk(chunk)))
+        else:
+            self.pending.append((meta, self.pool.apply_async(encode_chunk, (chunk,))))
+
+    def full(self) -> bool:
+        return len(self.pending) >= 3 * self.workers
+
+    def pop(self):
+        meta, result = self.pending.popleft()
+        return meta, (result if self.pool is None else result.get())
+
+    def close(self, ok: bool) -> None:
+        if self.pool is not None:
+            if ok:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# ---- main side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceResult:
+    name: str
+    docs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    shards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    skipped_records: int = 0
+    status: str = "done"
+    """done (tokenized now) | resumed (after complete shards of an earlier run) | cached (already complete)."""
+
+
+def _source_settings(src: SourceConfig, tok: Tokenizer, val_fraction: float) -> dict:
+    """What decides a source's shard contents (compared with done.json before reusing them)."""
+    return {
+        "tokenizer_hash": tok.hash,
+        "name": src.name,
+        "path": src.path if src.format != "stdlib" else "stdlib",
+        "format": src.format,
+        "text_field": src.text_field if src.format in ("jsonl", "parquet") else None,
+        "separator": src.separator if src.format == "txt" else None,
+        "val_fraction": val_fraction,
+    }
+
+
+def _read_done(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict) and isinstance(meta.get("settings"), dict):
+            return meta
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    return None  # unreadable: treat the source as unfinished and resume from its shards
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _resume_point(data_dir: Path, src: SourceConfig, split: str, tok: Tokenizer, res: SourceResult) -> int:
+    """Number of leading complete shards of an earlier run that can be kept (their totals go into `res`)."""
+    kept = 0
+    for i, prefix in enumerate(list_shards(data_dir, src.name, split)):
+        if prefix != shard_prefix(data_dir, src.name, split, i):
+            break  # a gap: everything after it is rewritten
+        try:
+            reader = ShardReader(prefix, vocab_size=tok.vocab_size, tokenizer_hash=tok.hash)
+        except DataError:
+            break  # from another tokenizer, or damaged: rewrite from here
+        res.docs[split] += reader.num_docs
+        res.tokens[split] += reader.num_tokens
+        res.bytes[split] += reader.num_bytes
+        kept += 1
+    res.shards[split] = kept
+    return kept
+
+
+def _remove_stale(data_dir: Path, src: SourceConfig, split: str, count: int) -> None:
+    """Drop complete shards numbered >= count and temp files left by an interrupted run."""
+    folder = shard_dir(data_dir, src.name)
+    for prefix in list_shards(data_dir, src.name, split):
+        if int(prefix.name.rsplit("_", 1)[1]) >= count:
+            prefix.with_name(prefix.name + ".idx").unlink(missing_ok=True)
+            prefix.with_name(prefix.name + ".bin").unlink(missing_ok=True)
+    for tmp in folder.glob(f"{split}_*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Encoder) -> SourceResult:
+    data_dir = cfg.data_dir
+    folder = shard_dir(data_dir, src.name)
+    settings = _source_settings(src, tok, cfg.data.val_fraction)
+    res = SourceResult(src.name)
+    done = _read_done(folder / DONE_FILE)
+    if done is not None:
+        if done["settings"] != settings:
+            diff = ", ".join(
+                f"{k}={done['settings'].get(k)!r} (now {v!r})"
+                for k, v in settings.items()
+                if done["settings"].get(k) != v
+            )
+            raise DataError(
+                f"{folder / DONE_FILE}: shards of source {src.name!r} were made with {diff}; "
+                f"delete {folder} to rebuild them"
+            )
+        for split in SPLITS:
+            for key in ("docs", "tokens", "bytes", "shards"):
+                getattr(res, key)[split] = int(done["splits"][split][key])
+        res.skipped_records, res.status = int(done.get("skipped_records", 0)), "cached"
+        return res
+
+    folder.mkdir(parents=True, exist_ok=True)
+    next_index = {s: _resume_point(data_dir, src, s, tok, res) for s in SPLITS}
+    to_skip = dict(res.docs)  # documents already in kept shards, per split
+    if any(next_index.values()):
+        res.status = "resumed"
+    writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
+    stats = ReadStats()
+    bar = _progress(cfg, src.name)
+    t0, new_tokens = time.perf_counter(), 0
+
+    def write(splits: list[str], result) -> None:
+        nonlocal new_tokens
+        flat, lengths, nbytes = result
+        ends = np.cumsum(lengths)
+        for split, end, n, nb in zip(splits, ends, lengths, nbytes):
+            writer = writers[split]
+            if writer is None:
+                writer = ShardWriter(
+                    shard_prefix(data_dir, src.name, split, next_index[split]), tok.vocab_size, tok.hash
+                )
+                writers[split] = writer
+            writer.add_document(flat[end - n : end], num_bytes=int(nb))
+            res.docs[split] += 1
+            res.tokens[split] += int(n)
+            res.bytes[split] += int(nb)
+            if writer.num_tokens >= cfg.prepare.shard_tokens:
+                writer.close()
+                writers[split] = None
+                next_index[split] += 1
+        new_tokens += int(lengths.sum())
+        bar.update(len(splits))
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(
+            f"{new_tokens / elapsed / 1e6:.2f}M tok/s, {new_tokens / 1e6:.1f}M tok", refresh=False
+        )
+
+    ok = False
+    try:
+        chunk: list[str] = []
+        chunk_splits: list[str] = []
+        chars = 0
+        for doc in iter_documents(src, on_bad_record=cfg.data.on_bad_record, stats=stats):
+            split = split_of(doc.id, cfg.data.val_fraction)
+            if to_skip[split] > 0:
+                to_skip[split] -= 1
+                continue
+            chunk.append(doc.text)
+            chunk_splits.append(split)
+            chars += len(doc.text)
+            if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+                encoder.submit(chunk, chunk_splits)
+                chunk, chunk_splits, chars = [], [], 0
+                while encoder.full():
+                    write(*encoder.pop())
+        if chunk:
+            encoder.submit(chunk, chunk_splits)
+        while encoder.pending:
+            write(*encoder.pop())
+        for split, writer in writers.items():
+            if writer is not None:
+                writer.close()
+                next_index[split] += 1
+        ok = True
+    finally:
+        bar.close()
+        if not ok:
+            for writer in writers.values():
+                if writer is not None:
+                    writer.abort()
+            encoder.pending.clear()
+    if any(to_skip.values()):
+        raise DataError(
+            f"data source {src.name!r}: fewer documents than its existing shards hold (corpus changed?); "
+            f"delete {folder} to rebuild"
+        )
+    res.skipped_records = stats.skipped
+    total_docs = sum(res.docs.values())
+    if total_docs == 0:
+        skipped = f" ({stats.skipped} bad records skipped, e.g. {stats.examples[0]})" if stats.skipped else ""
+        raise DataError(f"data source {src.name!r}: no documents in {src.path}{skipped}")
+    if res.docs["train"] == 0:
+        raise DataError(
+            f"data source {src.name!r}: all {total_docs} documents fell into validation; lower data.val_fraction"
+        )
+    for split in SPLITS:
+        res.shards[split] = next_index[split]
+        _remove_stale(data_dir, src, split, next_index[split])
+    splits = {s: {k: getattr(res, k)[s] for k in ("docs", "tokens", "bytes", "shards")} for s in SPLITS}
+    _write_json(
+        folder / DONE_FILE,
+        {
+            "settings": settings,
+            "splits": splits,
+            "skipped_records": stats.skipped,
+            "bad_examples": stats.examples,
+        },
+    )
+    return res
+
+
+def _progress(cfg: Config, name: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        desc=f"tokenize {name}",
+        unit="doc",
+        disable=not cfg.prepare.progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
+
+
+def tokenizer_sample(cfg: Config) -> list[str]:
+    """Training documents for the tokenizer, within `tokenizer.char_budget` characters.
+
+    Each source gets a share of the budget by its mixture weight; within a source the documents
+    with the smallest hash of their id are kept (the longest run in hash order that fits), which is
+    a uniform sample independent of reading order. Validation documents are never used.
+    """
+    total_weight = sum(s.weight for s in cfg.data.sources)
+    texts: list[str] = []
+    for src in cfg.data.sources:
+        budget = int(cfg.tokenizer.char_budget * src.weight / total_weight)
+        heap: list[tuple[int, int, str]] = []  # (-hash, order, text): the largest hash is on top
+        size, cutoff = 0, None
+        for order, doc in enumerate(iter_documents(src, on_bad_record=cfg.data.on_bad_record)):
+            if split_of(doc.id, cfg.data.val_fraction) != "train":
+                continue
+            h = _sample_hash(src.name, doc.id)
+            if cutoff is not None and h >= cutoff:
+                continue
+            heapq.heappush(heap, (-h, order, doc.text))
+            size += len(doc.text)
+            while size > budget and heap:
+                neg, _, text = heapq.heappop(heap)
+                size -= len(text)
+                cutoff = -neg if cutoff is None else min(cutoff, -neg)
+        texts.extend(text for _, _, text in sorted(heap, key=lambda item: item[1]))
+    return texts
+
+
+def _sample_hash(source: str, doc_id: str) -> int:
+    import hashlib
+
+    digest = hashlib.blake2b(f"{source}\0{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def prepare(cfg: Config) -> Path:
+    """Tokenizer, then shards of every source and split; returns the data folder. Idempotent."""
+    t0 = time.perf_counter()
+    data_dir = cfg.data_dir
+    sources = cfg.data.sources
+    if not sources:
+        raise ConfigError(
+            "data.sources: no sources; pick a data config (e.g. data=stdlib) or declare sources"
+        )
+    workers = cfg.prepare.workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"prepare.workers: must be positive, got {cfg.prepare.workers}")
+    if cfg.prepare.shard_tokens < 1:
+        raise ConfigError(f"prepare.shard_tokens: must be positive, got {cfg.prepare.shard_tokens}")
+    for src in sources:  # fail fast on a bad path before any long work
+        if not (shard_dir(data_dir, src.name) / DONE_FILE).is_file():
+            list_files(src)
+    tok, how = get_tokenizer(cfg.tokenizer, data_dir, lambda: tokenizer_sample(cfg))
+    print(f"tokenizer: {how} {data_dir / 'tokenizer.model'} (vocab {tok.vocab_size}, hash {tok.hash[:12]})")
+    results = []
+    pending = [s for s in sources if not (shard_dir(data_dir, s.name) / DONE_FILE).is_file()]
+    encoder = _Encoder(tok, min(workers, 64)) if pending else None
+    ok = False
+    try:
+        for src in sources:
+            results.append(prepare_source(cfg, src, tok, encoder))
+        ok = True
+    finally:
+        if encoder is not None:
+            encoder.close(ok)
+    _summary(data_dir, results, time.perf_counter() - t0, workers if pending else 0)
+    return data_dir
+
+
+def _summary(data_dir: Path, results: list[SourceResult], seconds: float, workers: int) -> None:
+    for r in results:
+        print(
+            f"  {r.name}: {r.status}; train {r.docs['train']:,} docs {r.tokens['train']:,} tokens "
+            f"in {r.shards['train']} shards; val {r.docs['val']:,} docs {r.tokens['val']:,} tokens "
+            f"in {r.shards['val']} shards; {r.skipped_records} bad records skipped"
+        )
+    docs = sum(sum(r.docs.values()) for r in results)
+    tokens = sum(sum(r.tokens.values()) for r in results)
+    shards = sum(sum(r.shards.values()) for r in results)
+    skipped = sum(r.skipped_records for r in results)
+    if all(r.status == "cached" for r in results):
+        print(
+            f"{data_dir}: already prepared ({docs:,} docs, {tokens:,} tokens, {shards} shards); nothing to do"
+        )
+        return
+    print(
+        f"{data_dir}: {docs:,} docs, {tokens:,} tokens, {shards} shards, {skipped} bad records skipped, "
+        f"{seconds:.1f} s ({workers} workers)"
+    )
+
+
+def main(cfg: Config) -> int:
+    prepare(cfg)
+    return 0

@@ -1,0 +1,218 @@
+"""The one place that talks to DeepSpeed's setup: process group, seeding, config dict, engine.
+
+Everything about parallelism lives here, so the model stays a plain `nn.Module` and the trainer
+reads as a plain loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmtrain.config import Config, ConfigError, batch_layout
+
+# DeepSpeed prints its own progress every `steps_per_print` steps; we log ourselves.
+_NEVER = 2**31 - 1
+# Keys of the generated config that the trainer and the loader rely on; a raw override of them would
+# make DeepSpeed's view of the batch differ from ours.
+# Set once this process made its own world of one (so the env we wrote is not mistaken for a launcher's).
+_SELF_WORLD = False
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    launched: bool
+    """True when a launcher set RANK etc.; False for a plain process that made its own world of one."""
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group: under a launcher from its env, alone as rank 0 of 1.
+
+    A plain `llmtrain train` without the launcher gets the env a launcher would have set, on a free
+    port, so DeepSpeed sees the same world either way.
+    """
+    if not has_gpu():
+        # Before the first deepspeed import: picks the CPU accelerator without probing for CUDA.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    global _SELF_WORLD
+    launched = "RANK" in os.environ and not _SELF_WORLD
+    if not launched:
+        _SELF_WORLD = True
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if has_gpu() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if has_gpu():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
+                    launched=launched)
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a launched run; a plain process keeps its world of one
+    so that a second run in the same interpreter, as in tests, joins it again)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and all GPUs) with one value."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Per-rank seed for dropout and the like: ranks must not draw the same noise."""
+    return seed + 1_000_003 * rank
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, recursing into dicts present in both; neither input is changed."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config dict from ours, with `deepspeed.config` merged over it; checked."""
+    glob, accum = batch_layout(cfg, world_size)
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2):
+        # Contiguous buffers and overlapped reduction are the defaults we want at scale.
+        zero.update(contiguous_gradients=True, overlap_comm=has_gpu())
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": has_gpu()}
+    precision = cfg.train.precision
+    config: dict[str, Any] = {
+        "train_batch_size": glob,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic
+            "loss_scale_window": ds.loss_scale_window,
+            "initial_scale_power": ds.initial_scale_power,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+        # We hand DeepSpeed a torch AdamW; ZeRO accepts it, but only after this opt-in.
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    merged = deep_merge(config, ds.config)
+    _check_merged(merged, config)
+    return merged
+
+
+def _check_merged(merged: dict[str, Any], ours: dict[str, Any]) -> None:
+    for key in _OWNED_KEYS:
+        if merged.get(key) != ours[key]:
+            raise ConfigError(
+                f"deepspeed.config.{key}={merged.get(key)} conflicts with the train.* batch settings "
+                f"({ours[key]}); set train.micro_batch_size / train.global_batch_size instead"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in merged:
+            raise ConfigError(
+                f"deepspeed.config.{key}: the optimizer and lr schedule come from optim.* and schedule.*; "
+                "remove this key"
+            )
+    if merged.get("bf16", {}).get("enabled") and merged.get("fp16", {}).get("enabled"):
+        raise ConfigError("deepspeed.config: bf16 and fp16 cannot both be enabled (use train.precision)")
+    zero = merged.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config.zero_optimization.stage must be 0-3, got {stage}")
+    if zero.get("offload_param") and stage != 3:
+        raise ConfigError("deepspeed.config.zero_optimization.offload_param needs stage 3")
+    if zero.get("offload_optimizer") and stage == 0:
+        raise ConfigError("deepspeed.config.zero_optimization.offload_optimizer needs stage >= 1")
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def build_optimizer(param_groups: list[dict], cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """torch AdamW; DeepSpeed's CPU Adam (AdamW mode) when the optimizer state lives on the CPU.
+
+    ZeRO-Offload refuses a client torch optimizer (`zero_force_ds_cpu_optimizer`), since stepping
+    it on the host is several times slower than the vectorised CPU Adam.
+    """
+    o = cfg.optim
+    if o.name.lower() != "adamw":
+        raise ConfigError(f"optim.name: only adamw is supported, got {o.name!r}")
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    # foreach: one fused pass over all tensors; the result is the same as the per-tensor loop.
+    return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+
+
+def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, world_size: int,
+                 *, load_universal: bool = False):
+    """Wrap the model in a DeepSpeed engine; returns (engine, ds_config)."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size, load_universal=load_universal)
+    optimizer = build_optimizer(param_groups, cfg, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_config
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every parameter group (the schedule is ours, not DeepSpeed's)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,460 @@
+"""The decoder-only Transformer: Llama-style and GPT-2-style in one implementation.
+
+Read top to bottom: kernels, norms, rotary embeddings, document masking, attention, MLP, block,
+KV cache, model. Shape letters: B batch, T time (query tokens), S key tokens, D d_model,
+H query heads, K key/value heads, Q head dim, F ffn width, V padded vocabulary.
+
+`arch: llama`  RMSNorm, SwiGLU, rotary positions (half-split pairs, as in Hugging Face), GQA, no biases.
+`arch: gpt2`   LayerNorm, tanh-GELU, learned positions, biases.
+Everything else (tying, dropout, init, padding, masking, checkpointing) is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llmtrain.model.config import ModelConfig, check_model_config
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------
+# Fused kernels (llmtrain.kernels), chosen by cfg.kernels.
+
+_kernel_warning_shown = False
+
+
+def load_kernels(names: list[str]) -> dict[str, Callable]:
+    """The fused kernels named in `names`; {} (plain PyTorch below) if llmtrain.kernels won't import.
+
+    Imported lazily so that a model without kernels never touches Triton.
+    """
+    global _kernel_warning_shown
+    if not names:
+        return {}
+    try:
+        from llmtrain import kernels
+
+        table = {
+            "rmsnorm": kernels.rms_norm,
+            "swiglu": kernels.swiglu,
+            "fused_ce": kernels.fused_linear_cross_entropy,
+        }
+    except (ImportError, AttributeError) as err:
+        if not _kernel_warning_shown:
+            warnings.warn(
+                f"model.kernels={list(names)} requested but llmtrain.kernels is unavailable ({err}); "
+                "using the plain PyTorch implementations",
+                stacklevel=2,
+            )
+            _kernel_warning_shown = True
+        return {}
+    return {name: table[name] for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms. Statistics in fp32: bf16's 8-bit mantissa loses the mean over thousands of features.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernel: Callable | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, kernels: dict[str, Callable]) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps, kernels.get("rmsnorm"))
+    return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.use_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings, computed in fp32 on the fly (cheap next to the model) rather than
+# kept as buffers, which `model.to(torch.bfloat16)` would round.
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) or (B, T) -> cos, sin of shape (T, Q) or (B, 1, T, Q), fp32."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # (Q/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, Q/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (..., T, Q): pairs are (i, i + Q/2)
+    cos, sin = angles.cos(), angles.sin()
+    if positions.dim() == 2:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Q), broadcast over heads
+    return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+Q/2}) pair of x (B, H, T, Q) by its position's angle, in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Document masking for packed sequences. doc_ids (B, T) numbers the documents of each row in
+# order (0 at the window start, +1 at each token that starts a new document).
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) position of each token inside its own document (restarts at 0)."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, 0).cummax(dim=1).values  # index of the document's first token
+    return idx - start_idx
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1, T, T) bool, True where query t may attend to key s: same document, s <= t.
+
+    Block-diagonal and causal; the diagonal is always True, so no softmax row is empty.
+    """
+    T = doc_ids.shape[1]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and MLP.
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        H, K, Q = self.n_heads, self.n_kv_heads, self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * Q, bias=cfg.use_bias)  # q, k, v in one matmul
+        self.proj = nn.Linear(H * Q, cfg.d_model, bias=cfg.use_bias)  # residual projection
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, Q = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * Q, K * Q, K * Q], dim=-1)
+        q = q.view(B, T, H, Q).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
+        v = v.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, Q): every key so far
+        # Without a mask, queries and keys aligned one-to-one are plain causal (training, prefill);
+        # one new query against a cache sees every key. Other cases come with an explicit mask.
+        is_causal = attn_mask is None and q.shape[2] == k.shape[2]
+        enable_gqa = False
+        if K != H:
+            if attn_mask is None:
+                enable_gqa = True  # flash kernels read the shared k/v heads without copying
+            else:
+                # the masked (memory-efficient) kernel wants equal heads: query head h uses kv head h // (H/K)
+                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        # SDPA's fused kernels keep the softmax in fp32 internally, so q and k stay in the model dtype.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=enable_gqa,
+        )  # (B, H, T, Q)
+        y = y.transpose(1, 2).reshape(B, T, H * Q)  # (B, T, H*Q)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, swiglu: Callable | None = None):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        if self.gated:
+            self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.use_bias)  # residual projection
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.swiglu = swiglu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.gate(x), self.up(x)  # (B, T, F) each
+            h = self.swiglu(gate, up) if self.swiglu is not None else F.silu(gate) * up
+        else:
+            h = F.gelu(self.up(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.down(h))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kernels: dict[str, Callable]):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, kernels)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, kernels)
+        self.mlp = MLP(cfg, kernels.get("swiglu"))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache for incremental decoding.
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` tokens; `length` are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)  # (L, B, K, S, Q)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, Q) after the filled part; return all keys and values (B, K, length+T, Q)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_model_config(cfg)
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab = cfg.padded_vocab  # rows past vocab_size are never looked up or scored
+        kernels = load_kernels(cfg.kernels)
+        self.tok_emb = nn.Embedding(self.padded_vocab, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg, kernels)
+        self.lm_head = nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.fused_ce = kernels.get("fused_ce")
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) weights, zero biases, unit norms; residual projections scaled by
+        1/sqrt(2*n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm | LayerNorm):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+        self.tok_emb.weight[self.vocab_size :].zero_()
+        self.lm_head.weight[self.vocab_size :].zero_()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters, not counting the vocabulary's padding rows (never used).
+
+        non_embedding drops the input lookup tables (token, position) but keeps the output
+        projection, a real matmul even when tied to the token embedding (nanoGPT, torchtitan).
+        """
+        D = self.cfg.d_model
+        tied = self.cfg.tie_embeddings
+        n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        n -= (self.padded_vocab - self.vocab_size) * D * (1 if tied else 2)
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not tied:
+                n -= self.vocab_size * D
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or the mean cross-entropy over targets (B, T) that
+        are not -100. doc_ids (B, T) is used only with cfg.doc_mask (loader batches carry T+1
+        columns: pass doc_ids[:, :-1] with the inputs)."""
+        T = input_ids.shape[1]
+        if input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if self.cfg.doc_mask and doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)}"
+                )
+            positions = document_positions(doc_ids)  # (B, T)
+            attn_mask = document_mask(doc_ids)  # (B, 1, T, T)
+        else:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
+            attn_mask = None  # plain causal: the fast default
+        x = self._embed(input_ids, positions)  # (B, T, D)
+        rope = self._rope(positions)
+        checkpointing = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing:
+                # keep only each block's input; recompute its insides in the backward pass
+                x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask)
+        x = self.norm_f(x)  # (B, T, D)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, V)
+        return self._loss(x, targets)
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)  # (T, D) or (B, T, D)
+        return self.emb_dropout(x)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.arch != "llama":
+            return None
+        return rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        V = self.vocab_size
+        hidden = x.reshape(-1, x.shape[-1])  # (B*T, D)
+        if self.fused_ce is not None:
+            # chunked: never materializes the (B*T, V) logits
+            return self.fused_ce(
+                hidden, self.lm_head.weight[:V], targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        # padding columns dropped: they are never a target and must not take softmax mass
+        logits = self.lm_head(hidden)[:, :V].float()  # (B*T, vocab_size), fp32 for the log-sum-exp
+        return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------------------------------------
+    # Incremental decoding.
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run new tokens (B, T) after the `cache.length` cached ones; logits (B, T, vocab_size)."""
+        B, T = input_ids.shape
+        start = cache.length
+        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        attn_mask = None
+        if start > 0 and T > 1:  # a chunk after a prefix: query t sees keys 0 .. start+t
+            keys = torch.arange(start + T, device=input_ids.device)
+            attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
+        x = self._embed(input_ids, positions)
+        rope = self._rope(positions)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, attn_mask, cache, layer)
+        cache.length += T
+        return self.lm_head(self.norm_f(x))[..., : self.vocab_size]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append up to max_new_tokens sampled tokens to input_ids (B, T0) using a KV cache.
+
+        temperature <= 0 means greedy. Rows that emitted eos_id are padded with eos_id; decoding
+        stops when every row has.
+        """
+        B, T0 = input_ids.shape
+        total = T0 + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt of {T0} tokens + {max_new_tokens} new exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        was_training = self.training
+        self.eval()
+        cache = KVCache(self.cfg, B, total, input_ids.device, self.tok_emb.weight.dtype)
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = self.decode_step(input_ids, cache)[:, -1]  # prefill: (B, vocab_size)
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, generator)  # (B,)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            out.append(token[:, None])
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self.decode_step(token[:, None], cache)[:, -1]
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else top-k softmax sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,163 @@
+"""launch/: shell syntax, config validation before any rank starts, and the deepspeed command each
+mode builds (DRY_RUN=1 prints it instead of starting ranks)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = ROOT / "launch" / "pretrain.sh"
+SBATCH = ROOT / "launch" / "slurm.sbatch"
+LAUNCH_VARS = (
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HOSTFILE",
+    "NPROC_PER_NODE",
+    "DS_ACCELERATOR",
+    "OMP_NUM_THREADS",
+    "DEEPSPEED_ARGS",
+    "DRY_RUN",
+)
+
+
+def run_script(script: Path, *args: str, cwd: Path, path_prefix: Path | None = None, **env: str):
+    environ = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    # the venv's bin (deepspeed, python) first, as after `source .venv/bin/activate`
+    bins = [str(Path(sys.executable).parent)] + ([str(path_prefix)] if path_prefix else [])
+    environ["PATH"] = os.pathsep.join(bins + [environ.get("PATH", "")])
+    environ.update(env)
+    return subprocess.run(
+        [str(script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
+def command_of(result) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("script", [PRETRAIN, SBATCH], ids=lambda p: p.name)
+def test_scripts_parse_and_are_executable(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK)
+
+
+def test_bad_override_fails_before_any_rank_starts(tmp_path):
+    result = run_script(PRETRAIN, "optim.lrr=1", "run.name=bad", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "pretrain.sh: error:" in result.stderr and "optim.lrr" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "rank(s) per node" not in result.stderr  # never reached the launch step
+    assert not (tmp_path / "runs").exists()
+
+
+def test_batch_that_does_not_divide_the_world_names_the_key(tmp_path):
+    result = run_script(
+        PRETRAIN, "train.global_batch_size=12", cwd=tmp_path, DS_ACCELERATOR="cpu", NPROC_PER_NODE="2"
+    )
+    assert result.returncode == 2
+    assert "train.global_batch_size=12" in result.stderr and "data-parallel world 2" in result.stderr
+
+
+def test_cpu_single_node_defaults(tmp_path):
+    cmd = command_of(run_script(PRETRAIN, "run.name=x", cwd=tmp_path, DS_ACCELERATOR="cpu", DRY_RUN="1"))
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "2"]
+    assert cmd[-4:] == ["--module", "llmtrain.train", "debug=cpu", "run.name=x"]
+    assert "--no_local_rank" in cmd and "--master_port" in cmd
+
+
+def test_user_debug_choice_is_kept_and_nproc_is_honoured(tmp_path):
+    result = run_script(
+        PRETRAIN,
+        "~debug",
+        "model=tiny",
+        "train.seq_len=128",
+        cwd=tmp_path,
+        DS_ACCELERATOR="cpu",
+        NPROC_PER_NODE="3",
+        DRY_RUN="1",
+        MASTER_PORT="29612",
+    )
+    cmd = command_of(result)
+    assert cmd[1:3] == ["--num_gpus", "3"] and "debug=cpu" not in cmd and cmd[-3] == "~debug"
+    assert cmd[cmd.index("--master_port") + 1] == "29612"
+    assert "world 3" in result.stderr and "OMP_NUM_THREADS=" in result.stderr
+
+
+def test_one_launch_per_node_generates_a_hostfile(tmp_path):
+    result = run_script(
+        PRETRAIN,
+        cwd=tmp_path,
+        DS_ACCELERATOR="cpu",
+        DRY_RUN="1",
+        NNODES="2",
+        NODE_RANK="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29613",
+    )
+    cmd = command_of(result)
+    i = cmd.index("--no_ssh")
+    assert cmd[i + 1 : i + 7] == ["--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", "29613"]
+    assert cmd[1] == "--hostfile"
+    assert "generated hostfile: node0 slots=2" in result.stderr and "node1 slots=2" in result.stderr
+    assert "world 4" in result.stderr
+    assert not Path(cmd[2]).exists()  # the temporary hostfile is removed when the script exits
+
+
+def test_multi_node_needs_master_addr_and_valid_rank(tmp_path):
+    result = run_script(PRETRAIN, cwd=tmp_path, DS_ACCELERATOR="cpu", NNODES="2")
+    assert result.returncode == 2 and "MASTER_ADDR" in result.stderr
+    result = run_script(
+        PRETRAIN, cwd=tmp_path, DS_ACCELERATOR="cpu", NNODES="2", NODE_RANK="2", MASTER_ADDR="h"
+    )
+    assert result.returncode == 2 and "NODE_RANK=2" in result.stderr
+
+
+def test_hostfile_over_ssh_counts_slots(tmp_path):
+    result = run_script(
+        PRETRAIN,
+        "model=tiny",
+        cwd=tmp_path,
+        DS_ACCELERATOR="cpu",
+        DRY_RUN="1",
+        HOSTFILE=str(ROOT / "launch" / "hostfile.example"),
+    )
+    cmd = command_of(result)
+    assert cmd[1:3] == ["--hostfile", str(ROOT / "launch" / "hostfile.example")]
+    assert "--no_ssh" not in cmd and "world 16" in result.stderr
+
+
+def test_slurm_script_maps_slurm_variables(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'nodeA\\nnodeB\\n'\n")
+    # srun stand-in: one task, as SLURM would start on the second node
+    (fake / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n'
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    result = run_script(
+        SBATCH,
+        "model=tiny",
+        cwd=tmp_path,
+        path_prefix=fake,
+        DS_ACCELERATOR="cpu",
+        DRY_RUN="1",
+        LLMTRAIN_ROOT=str(ROOT),
+        SLURM_JOB_ID="1234",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="node[A-B]",
+    )
+    cmd = command_of(result)
+    i = cmd.index("--no_ssh")
+    assert cmd[i + 1 : i + 7] == ["--node_rank", "1", "--master_addr", "nodeA", "--master_port", "21234"]
+    assert cmd[-1] == "model=tiny"
