@@ -269,7 +269,7 @@ def main() -> None:
             torch.device("cpu"),
             torch.float32,
             dict(tokens=64, d_model=32, ffn=48, vocab=500),
-            warmup=1,
+            warmup=3,  # torch.compile compiles on the first calls
             reps=args.reps or 2,
             compile_=not args.no_compile,
         )

@@ -70,10 +70,10 @@ fi
 overrides=("$@")
 if ((num_gpus == 0)) && [[ -z "${DS_ACCELERATOR:-}" || "${DS_ACCELERATOR}" == "cpu" ]]; then
     export DS_ACCELERATOR=cpu
-    nproc=${NPROC_PER_NODE:-2}
+    ranks_per_node=${NPROC_PER_NODE:-2}
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         cores=$(nproc 2>/dev/null || echo 1)
-        export OMP_NUM_THREADS=$((cores / nproc > 0 ? cores / nproc : 1))
+        export OMP_NUM_THREADS=$((cores / ranks_per_node > 0 ? cores / ranks_per_node : 1))
     fi
     wants_debug=1
     for arg in "$@"; do
@@ -82,8 +82,8 @@ if ((num_gpus == 0)) && [[ -z "${DS_ACCELERATOR:-}" || "${DS_ACCELERATOR}" == "c
     ((wants_debug)) && overrides=("debug=cpu" "$@")
     device="CPU"
 else
-    nproc=${NPROC_PER_NODE:-$num_gpus}
-    ((nproc > 0)) || die "DS_ACCELERATOR=${DS_ACCELERATOR:-}: no devices found; set NPROC_PER_NODE"
+    ranks_per_node=${NPROC_PER_NODE:-$num_gpus}
+    ((ranks_per_node > 0)) || die "DS_ACCELERATOR=${DS_ACCELERATOR:-}: no devices found; set NPROC_PER_NODE"
     device="GPU"
 fi
 
@@ -94,18 +94,21 @@ hostfile_slots() { # total slots and host count of a hostfile, ignoring comments
 }
 
 ds_args=()
-hostfile=""
-cleanup=""
-trap '[[ -n "$cleanup" ]] && rm -f "$cleanup"' EXIT
+generated=""
 if ((NNODES > 1)); then
     [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
     if [[ -n "${HOSTFILE:-}" ]]; then
         [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE: no such file"
         hostfile=$HOSTFILE
     else
-        hostfile=$(mktemp "${TMPDIR:-/tmp}/llmtrain-hostfile.XXXXXX")
-        cleanup=$hostfile
-        for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$nproc"; done >"$hostfile"
+        # Same content on every node; a fixed name (no cleanup needed, so the launcher can be exec'd).
+        dir="${TMPDIR:-/tmp}/llmtrain-$(id -u)"
+        mkdir -p "$dir"
+        hostfile="$dir/hostfile.${NNODES}x${ranks_per_node}"
+        tmp=$(mktemp "$hostfile.XXXXXX")
+        for ((i = 0; i < NNODES; i++)); do echo "node$i slots=$ranks_per_node"; done >"$tmp"
+        mv -f "$tmp" "$hostfile"
+        generated=$hostfile
     fi
     read -r slots hosts < <(hostfile_slots "$hostfile")
     ((hosts == NNODES)) || die "HOSTFILE=$hostfile names $hosts hosts but NNODES=$NNODES"
@@ -121,10 +124,10 @@ elif [[ -n "${HOSTFILE:-}" ]]; then
     mode="$hosts nodes from $HOSTFILE over ssh"
 else
     hosts=1
-    slots=$nproc
+    slots=$ranks_per_node
     # Without NPROC_PER_NODE on GPUs, let DeepSpeed pick the visible devices (CUDA_VISIBLE_DEVICES).
     if [[ "$device" == "CPU" || -n "${NPROC_PER_NODE:-}" ]]; then
-        ds_args+=(--num_gpus "$nproc")
+        ds_args+=(--num_gpus "$ranks_per_node")
     fi
     ds_args+=(--master_port "$MASTER_PORT")
     mode="1 node"
@@ -147,7 +150,7 @@ try:
     config_dir, overrides, _ = split_args(sys.argv[2:])
     cfg = load_config(overrides, config_dir=config_dir)
     glob, accum = batch_layout(cfg, int(sys.argv[1]))
-except UserError as err:
+except (UserError, ValueError) as err:  # Hydra raises ValueError for some malformed overrides
     print(f"pretrain.sh: error: {err}", file=sys.stderr)
     sys.exit(2)
 print(f"pretrain.sh: run {cfg.run_dir}: global batch {glob} = micro {cfg.train.micro_batch_size} "
@@ -156,12 +159,12 @@ PY
 
 # shellcheck disable=SC2206  # DEEPSPEED_ARGS is word-split on purpose
 cmd=(deepspeed "${ds_args[@]}" ${DEEPSPEED_ARGS:-} --no_local_rank --module llmtrain.train "${overrides[@]}")
-echo "pretrain.sh: $mode, $nproc $device rank(s) per node, world $world" \
+echo "pretrain.sh: $mode, $ranks_per_node $device rank(s) per node, world $world" \
     "(DS_ACCELERATOR=${DS_ACCELERATOR:-auto}${OMP_NUM_THREADS:+, OMP_NUM_THREADS=$OMP_NUM_THREADS})" >&2
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
-    if [[ -n "$cleanup" ]]; then sed 's/^/pretrain.sh: generated hostfile: /' "$cleanup" >&2; fi
+    if [[ -n "$generated" ]]; then sed "s|^|pretrain.sh: $generated: |" "$generated" >&2; fi
     printf '%q ' "${cmd[@]}"
     echo
     exit 0
 fi
-"${cmd[@]}"
+exec "${cmd[@]}" # signals (Ctrl-C, scancel) go straight to the launcher, which stops its ranks

@@ -15,10 +15,18 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("llmtrain.data.prepare", "main", "train the tokenizer and tokenize the corpus into shards"),
     "train": ("llmtrain.train.trainer", "main", "pretrain (one process, or every rank under `deepspeed`)"),
-    "eval": ("llmtrain.eval.evaluate", "main", "validation loss / perplexity / bits per byte of a checkpoint"),
+    "eval": (
+        "llmtrain.eval.evaluate",
+        "main",
+        "validation loss / perplexity / bits per byte of a checkpoint",
+    ),
     "generate": ("llmtrain.generate", "main", "sample text from a checkpoint"),
     "export": ("llmtrain.export", "main", "write a checkpoint as a Hugging Face model (safetensors)"),
-    "checkpoint": ("llmtrain.train.universal", "main", "convert a checkpoint to DeepSpeed's universal format"),
+    "checkpoint": (
+        "llmtrain.train.universal",
+        "main",
+        "convert a checkpoint to DeepSpeed's universal format",
+    ),
     "config": ("llmtrain.cli", "print_config", "print the composed config and exit"),
 }
 

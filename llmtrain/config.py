@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.errors import UserError
 from llmtrain.data.config import DataConfig, PrepareConfig, TokenizerConfig
+from llmtrain.errors import UserError
 from llmtrain.model.config import ModelConfig
 from llmtrain.train.config import (
     CheckpointConfig,
@@ -44,6 +44,15 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    checkpoint: str | None = None
+    """A checkpoint folder; None = the run's latest complete checkpoint."""
+    micro_batch_size: int = 8
+    max_batches: int | None = None
+    """Micro-batches per source; None = the whole validation split."""
+
+
+@dataclass
 class ExportConfig:
     out: str | None = None
     """Output folder; None = `<run_dir>/hf`."""
@@ -64,6 +73,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     resume: str = "auto"
     """auto (newest complete checkpoint, else fresh) | none | a checkpoint folder."""
@@ -142,24 +152,47 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that need no world size: enumerations, ranges, and field-to-field consistency."""
-    _check(cfg.model.arch in ("llama", "gpt2"), "model.arch", f"must be llama or gpt2, got {cfg.model.arch!r}")
-    _check(cfg.tokenizer.model_type in ("bpe", "unigram"), "tokenizer.model_type",
-           f"must be bpe or unigram, got {cfg.tokenizer.model_type!r}")
-    _check(cfg.data.on_bad_record in ("fail", "skip"), "data.on_bad_record",
-           f"must be fail or skip, got {cfg.data.on_bad_record!r}")
-    _check(cfg.train.precision in ("bf16", "fp16", "fp32"), "train.precision",
-           f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
-    _check(cfg.schedule.name in ("cosine", "wsd", "constant"), "schedule.name",
-           f"must be cosine, wsd or constant, got {cfg.schedule.name!r}")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
-           f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    _check(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
-           f"must be online, offline or disabled, got {cfg.logging.wandb.mode!r}")
+    _check(
+        cfg.model.arch in ("llama", "gpt2"), "model.arch", f"must be llama or gpt2, got {cfg.model.arch!r}"
+    )
+    _check(
+        cfg.tokenizer.model_type in ("bpe", "unigram"),
+        "tokenizer.model_type",
+        f"must be bpe or unigram, got {cfg.tokenizer.model_type!r}",
+    )
+    _check(
+        cfg.data.on_bad_record in ("fail", "skip"),
+        "data.on_bad_record",
+        f"must be fail or skip, got {cfg.data.on_bad_record!r}",
+    )
+    _check(
+        cfg.train.precision in ("bf16", "fp16", "fp32"),
+        "train.precision",
+        f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}",
+    )
+    _check(
+        cfg.schedule.name in ("cosine", "wsd", "constant"),
+        "schedule.name",
+        f"must be cosine, wsd or constant, got {cfg.schedule.name!r}",
+    )
+    _check(
+        cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+        "deepspeed.zero_stage",
+        f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}",
+    )
+    _check(
+        cfg.logging.wandb.mode in ("online", "offline", "disabled"),
+        "logging.wandb.mode",
+        f"must be online, offline or disabled, got {cfg.logging.wandb.mode!r}",
+    )
     _check(cfg.train.max_steps > 0, "train.max_steps", "must be positive")
     _check(cfg.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
     _check(cfg.train.seq_len > 0, "train.seq_len", "must be positive")
-    _check(cfg.train.seq_len <= cfg.model.max_seq_len, "train.seq_len",
-           f"{cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _check(
+        cfg.train.seq_len <= cfg.model.max_seq_len,
+        "train.seq_len",
+        f"{cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
+    )
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
@@ -174,8 +207,11 @@ def validate(cfg: Config) -> None:
     _check(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
     for i, src in enumerate(cfg.data.sources):
         _check(src.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {src.weight}")
-        _check(src.format in ("txt", "jsonl", "parquet", "stdlib"), f"data.sources[{i}].format",
-               f"must be txt, jsonl, parquet or stdlib, got {src.format!r}")
+        _check(
+            src.format in ("txt", "jsonl", "parquet", "stdlib"),
+            f"data.sources[{i}].format",
+            f"must be txt, jsonl, parquet or stdlib, got {src.format!r}",
+        )
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -189,3 +225,17 @@ def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
             f"x data-parallel world {world_size} = {per_step}"
         )
     return glob, glob // per_step
+
+
+def config_from_yaml(path: str | os.PathLike) -> Config:
+    """The typed `Config` saved beside a checkpoint (resolved YAML), checked against the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: {_one_line(err)}") from None

@@ -305,7 +305,10 @@ def get_tokenizer(
     wanted = settings_of(tcfg)
     given = None
     if tcfg.path:
-        given = Tokenizer.load(Path(tcfg.path).expanduser())
+        try:
+            given = Tokenizer.load(Path(tcfg.path).expanduser())
+        except DataError as err:
+            raise DataError(f"tokenizer.path {err}") from None
         if given.eos_id < 0:
             raise DataError(f"tokenizer.path {tcfg.path}: the model has no EOS piece (eos_id = -1)")
     if meta is not None and (data_dir / MODEL_FILE).is_file():

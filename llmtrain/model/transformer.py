@@ -11,6 +11,7 @@ Everything else (tying, dropout, init, padding, masking, checkpointing) is share
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Callable
@@ -39,8 +40,7 @@ def load_kernels(names: list[str]) -> dict[str, Callable]:
     if not names:
         return {}
     try:
-        from llmtrain import kernels
-
+        kernels = importlib.import_module("llmtrain.kernels")
         table = {
             "rmsnorm": kernels.rms_norm,
             "swiglu": kernels.swiglu,

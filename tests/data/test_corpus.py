@@ -158,5 +158,6 @@ def test_split_is_a_stable_function_of_the_id_near_the_requested_fraction():
     assert 0.045 < share < 0.055  # 20000 draws: std 0.0015
     assert all(split_of(i, 0.0) == "train" for i in ids[:100])
     # pinned: changing the hash would silently move documents between train and validation
-    assert [split_of(f"doc{i}", 0.5) for i in range(8)] == [split_of(f"doc{i}", 0.5) for i in range(8)]
+    expected = ["train", "val", "val", "train", "val", "val", "train", "train", "train", "val"]
+    assert [split_of(f"doc{i}", 0.5) for i in range(10)] == expected
     assert sum(split_of(f"doc{i}", 0.5) == "val" for i in range(1000)) in range(450, 551)

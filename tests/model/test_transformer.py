@@ -232,7 +232,7 @@ def test_kernel_selection_matches_the_plain_model():
 def test_missing_kernel_package_falls_back_with_one_warning(monkeypatch):
     import llmtrain.model.transformer as transformer
 
-    monkeypatch.setitem(sys.modules, "llmtrain.kernels", None)  # makes `from llmtrain import kernels` fail
+    monkeypatch.setitem(sys.modules, "llmtrain.kernels", None)  # makes importing llmtrain.kernels fail
     monkeypatch.setattr(transformer, "_kernel_warning_shown", False)
     with pytest.warns(UserWarning, match="llmtrain.kernels is unavailable"):
         model = model_for("llama", kernels=["rmsnorm", "fused_ce"])

@@ -1,0 +1,66 @@
+"""Loading a trained checkpoint as a plain PyTorch model, for eval, generate and export.
+
+The model's shape comes from the config saved in the checkpoint, not from the command line, so
+`llmtrain generate run.name=X` works without repeating the training overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmtrain.config import Config, config_from_yaml
+from llmtrain.errors import CheckpointError
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    config: Config
+    """The config the checkpoint was trained with."""
+    checkpoint: Path
+    step: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device | None = None) -> Loaded:
+    """Build the model described by a checkpoint's saved config and load its fp32 weights."""
+    from llmtrain.model import build_model
+    from llmtrain.train.checkpoint import CONFIG_FILE, load_model_state, read_state, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.run_dir, which)
+    saved = config_from_yaml(path / CONFIG_FILE)
+    state = read_state(path)
+    if saved.model.vocab_size is None:
+        raise CheckpointError(f"{path / CONFIG_FILE}: model.vocab_size is not recorded")
+    saved.model.compile = False
+    saved.model.activation_checkpointing = False
+    model = build_model(saved.model)
+    weights = load_model_state(path)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the saved model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.to(device or default_device()).eval()
+    return Loaded(model=model, config=saved, checkpoint=path, step=int(state.get("step", 0)))
+
+
+def load_matching_tokenizer(loaded: Loaded):
+    """The tokenizer of the checkpoint's data folder, refused if it is not the one trained with."""
+    from llmtrain.data.tokenizer import load_tokenizer
+    from llmtrain.train.checkpoint import read_state
+
+    tokenizer = load_tokenizer(loaded.config.data_dir)
+    expected = read_state(loaded.checkpoint).get("tokenizer_hash")
+    if expected and tokenizer.hash != expected:
+        raise CheckpointError(
+            f"{loaded.config.data_dir}/tokenizer.model (hash {tokenizer.hash[:12]}) is not the tokenizer "
+            f"{loaded.checkpoint} was trained with (hash {expected[:12]})"
+        )
+    return tokenizer
