@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from llmtrain import kernels as K
+from llmtrain.kernels.chunked_ce import MIN_CHUNK_CPU, MIN_CHUNK_CUDA
 
 GIB = 1024**3
 MIB = 1024**2
@@ -155,9 +157,10 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _child_ce(variant: str, n: int, d: int, v: int, reps: int) -> None:
+def _child_ce(variant: str, n: int, d: int, v: int, reps: int, threads: int) -> None:
     """Runs in a child: per repetition, resets the RSS high-water mark, runs forward+backward and
     prints the peak above the resident memory before the call, and the time."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     h = torch.randn(n, d, requires_grad=True)
     w = (torch.randn(v, d) / d**0.5).requires_grad_()
@@ -177,31 +180,38 @@ def _child_ce(variant: str, n: int, d: int, v: int, reps: int) -> None:
     print(json.dumps(results))
 
 
-def measure_ce_cpu(n: int, d: int, v: int, reps: int) -> dict[str, list[dict]]:
+def measure_ce_cpu(n: int, d: int, v: int, reps: int, threads: int) -> dict[str, list[dict]]:
     out = {}
     for variant in ("naive", "fused"):
-        cmd = [sys.executable, __file__, "--child-ce", variant, str(n), str(d), str(v), str(reps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--child-ce", variant, *map(str, (n, d, v, reps, threads))]
+        # A fixed mmap threshold makes glibc map every large tensor freshly and unmap it on free, so
+        # resident memory follows live tensors instead of reusing pages kept from the last repetition.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
-def analytic_logits_bytes(n: int, d: int, v: int, elem: int) -> tuple[int, int]:
+def analytic_logits_bytes(n: int, d: int, v: int, elem: int, min_rows: int) -> tuple[int, int]:
     """(naive, fused) bytes for logits and their gradients, by the formulas in kernels/chunked_ce.py:
-    naive N*V*(s + 8) at the forward peak; fused C*V*s + N*D*s + V*D*4 (+ V*D*s when s < 4)."""
-    c = K.default_chunk_size(n, d, v)
+    naive N*V*(s + 8) at the forward peak; fused (Triton path) C*V*s + N*D*s + V*D*4 (+ V*D*s when
+    s < 4). The PyTorch fallback adds up to two fp32 C*V temporaries."""
+    c = K.default_chunk_size(n, d, v, min_rows)
     naive = n * v * (elem + 8)
     fused = c * v * elem + n * d * elem + v * d * 4 + (v * d * elem if elem < 4 else 0)
     return naive, fused
 
 
-def print_ce_cpu(shapes: list[tuple[int, int, int]], reps: int) -> None:
-    print(f"\nchunked linear+CE vs naive logits, fp32 on CPU ({reps} reps, peak RSS above the call's start)")
+def print_ce_cpu(shapes: list[tuple[int, int, int]], reps: int, threads: int) -> None:
+    print(
+        f"\nchunked linear+CE vs naive logits, fp32 on CPU, {threads} thread(s), {reps} reps "
+        "(peak RSS above the call's start; time of forward+backward)"
+    )
     print(
         f"{'N x D, V':<24} {'variant':<7} {'peak MiB med':>12} {'[min, max]':>18} {'ms med':>9} {'[min, max]':>18}"
     )
     for n, d, v in shapes:
-        res = measure_ce_cpu(n, d, v, reps)
+        res = measure_ce_cpu(n, d, v, reps, threads)
         for variant, runs in res.items():
             peaks = [r["peak_bytes"] / MIB for r in runs]
             secs = [r["seconds"] * 1e3 for r in runs]
@@ -210,16 +220,24 @@ def print_ce_cpu(shapes: list[tuple[int, int, int]], reps: int) -> None:
                 f"{f'[{min(peaks):.1f}, {max(peaks):.1f}]':>18} {statistics.median(secs):9.1f} "
                 f"{f'[{min(secs):.1f}, {max(secs):.1f}]':>18}"
             )
-        naive_b, fused_b = analytic_logits_bytes(n, d, v, 4)
-        print(f"{'':<24} analytic: naive {naive_b / MIB:.1f} MiB, fused {fused_b / MIB:.1f} MiB")
+        naive_b, fused_b = analytic_logits_bytes(n, d, v, 4, MIN_CHUNK_CPU)
+        chunk = K.default_chunk_size(n, d, v, MIN_CHUNK_CPU)
+        print(
+            f"{'':<24} analytic: naive {naive_b / MIB:.1f} MiB; fused (chunk {chunk}) {fused_b / MIB:.1f} MiB "
+            f"with Triton, up to {(fused_b + 2 * chunk * v * 4) / MIB:.1f} MiB on the PyTorch fallback"
+        )
 
 
 def print_analytic(models: list[tuple[str, int, int, int]]) -> None:
-    print("\nanalytic logits memory in bf16 (formulas in kernels/chunked_ce.py; not measured)")
+    print(
+        "\nanalytic logits memory in bf16 with the GPU chunk rule (formulas in kernels/chunked_ce.py; not measured)"
+    )
     print(f"{'model, tokens':<34} {'chunk':>6} {'naive GiB':>10} {'fused GiB':>10}")
     for name, n, d, v in models:
-        naive_b, fused_b = analytic_logits_bytes(n, d, v, 2)
-        print(f"{name:<34} {K.default_chunk_size(n, d, v):>6} {naive_b / GIB:10.2f} {fused_b / GIB:10.2f}")
+        naive_b, fused_b = analytic_logits_bytes(n, d, v, 2, MIN_CHUNK_CUDA)
+        print(
+            f"{name:<34} {K.default_chunk_size(n, d, v, MIN_CHUNK_CUDA):>6} {naive_b / GIB:10.2f} {fused_b / GIB:10.2f}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,13 +245,19 @@ def print_analytic(models: list[tuple[str, int, int, int]]) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-ce":
-        variant, n, d, v, reps = sys.argv[2], *map(int, sys.argv[3:7])
-        _child_ce(variant, n, d, v, reps)
+        variant, n, d, v, reps, threads = sys.argv[2], *map(int, sys.argv[3:8])
+        _child_ce(variant, n, d, v, reps, threads)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, every code path (also on CPU)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for the CE memory runs (1: stable on a shared box)",
+    )
     args = parser.parse_args()
 
     models = [
@@ -274,9 +298,9 @@ def main() -> None:
             compile_=not args.no_compile,
         )
         print_kernel_table(rows, "CPU (smoke test of the script, reference path)")
-        print_ce_cpu([(64, 32, 500)], reps=args.reps or 2)
+        print_ce_cpu([(64, 32, 500)], reps=args.reps or 2, threads=args.threads)
         return
-    print_ce_cpu([(2048, 256, 32000), (2048, 256, 50304)], reps=args.reps or 5)
+    print_ce_cpu([(2048, 256, 32000), (2048, 256, 50304)], reps=args.reps or 5, threads=args.threads)
     print_analytic(models)
 
 

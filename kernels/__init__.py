@@ -87,7 +87,7 @@ def fused_linear_cross_entropy(
 
     hidden (N, D) or (..., D); weight (V, D) (a slice weight[:vocab] of a padded head is fine);
     targets (N,) or (...) with ignore_index marking tokens that do not count. chunk_size None picks
-    default_chunk_size(N, D, V). Same value and gradients as F.cross_entropy(hidden @ weight.T) (nan
+    default_chunk_size(N, D, V, floor) with floor 4096 rows on CUDA, 256 on the CPU. Same value and gradients as F.cross_entropy(hidden @ weight.T) (nan
     when every target is ignored, as there).
     """
     if _use_triton(hidden, weight):

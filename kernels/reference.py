@@ -40,14 +40,15 @@ def chunk_cross_entropy_ref(
     for the gradient (the contract the Triton kernel also follows). Ignored rows get zero loss and zero
     gradient.
     """
-    x = logits.float()
+    x = logits.float()  # the same tensor when the logits are fp32: then everything below is in place
     lse = torch.logsumexp(x, dim=-1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     picked = x.gather(1, safe[:, None])[:, 0]
     loss_sum = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-    grad = torch.exp(x - lse[:, None])
+    grad = x.sub_(lse[:, None]).exp_()  # softmax
     grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
     grad *= (valid.to(grad.dtype) * grad_scale)[:, None]
-    logits.copy_(grad)
+    if grad is not logits:
+        logits.copy_(grad)
     return loss_sum

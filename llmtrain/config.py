@@ -124,7 +124,8 @@ def load_config(
         with _unlocked(raw):
             del raw["hydra"]
         cfg: Config = OmegaConf.to_object(raw)
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        # Hydra raises ValueError for some malformed overrides, e.g. `debug=null` on a group
         raise ConfigError(_one_line(err)) from None
     finally:
         GlobalHydra.instance().clear()

@@ -165,3 +165,39 @@ def test_slurm_script_maps_slurm_variables(tmp_path):
     i = cmd.index("--no_ssh")
     assert cmd[i + 1 : i + 7] == ["--node_rank", "1", "--master_addr", "nodeA", "--master_port", "21234"]
     assert cmd[-1] == "model=tiny"
+
+
+@pytest.mark.slow
+def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path):
+    """The real launcher end to end: 2 gloo ranks, then an extended run resumes and appends."""
+    common = [
+        *prepared_data.overrides,
+        "run.name=launch",
+        "logging.every_steps=2",
+        "train.val_every=4",
+        "checkpoint.every_steps=4",
+        "schedule.total_steps=8",
+    ]
+    env = {"DS_ACCELERATOR": "cpu", "NPROC_PER_NODE": "2", "MASTER_PORT": "29641"}
+    first = run_script(PRETRAIN, *common, "train.max_steps=4", cwd=tmp_path, **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "launch"
+    before = read_jsonl(run_dir / "metrics.jsonl")
+    second = run_script(PRETRAIN, *common, "train.max_steps=8", cwd=tmp_path, **env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    # the resumed run kept the first run's records (timings differ between runs, so a rerun from
+    # step 0 would have rewritten them) and appended its own
+    assert records[: len(before)] == before
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train)
+    assert (run_dir / "loss_curve.png").stat().st_size > 0
+    assert (run_dir / "checkpoints" / "step_8").is_dir()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]

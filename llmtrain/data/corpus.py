@@ -23,8 +23,9 @@ from llmtrain.data.config import SourceConfig
 from llmtrain.errors import DataError
 
 SPLITS = ("train", "val")
-_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz"), "parquet": (".parquet",)}
-_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
+# what a folder is searched for (a file named directly may have any name)
+_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
+_STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _walk(root: Path, suffixes: tuple[str, ...] | None, skip_dirs: set[str] = frozenset()) -> list[Path]:
+def _walk(
+    root: Path, suffixes: tuple[str, ...] | None, skip_dirs: frozenset[str] = frozenset()
+) -> list[Path]:
     """Files under `root` (sorted, no hidden files, no symlinked folders), optionally by suffix."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):

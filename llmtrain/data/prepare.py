@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
-from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,45 +27,16 @@ from llmtrain.data.corpus import SPLITS, ReadStats, iter_documents, list_files, 
 from llmtrain.data.shards import (
     ShardReader,
     ShardWriter,
-    dtype_for_vocab,
     list_shards,
     shard_dir,
     shard_prefix,
 )
-from llmtrain.data.tokenizer import Tokenizer, get_tokenizer
+from llmtrain.data.tokenizer import Tokenizer, encode_chunk, get_tokenizer, init_worker
 from llmtrain.errors import DataError
 
 DONE_FILE = "done.json"
 _CHUNK_DOCS = 64
 _CHUNK_CHARS = 1 << 20
-
-
-# ---- worker side -------------------------------------------------------------------------------
-
-_WORKER: dict = {}
-
-
-def _init_worker(model_bytes: bytes) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    _WORKER.update(sp=sp, eos=sp.eos_id(), dtype=dtype_for_vocab(sp.get_piece_size()))
-
-
-def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens of all texts back to back, each followed by EOS; tokens per text; UTF-8 bytes per text)."""
-    sp, eos = _WORKER["sp"], _WORKER["eos"]
-    ids = sp.encode(texts, out_type=int, num_threads=1)
-    for doc in ids:
-        doc.append(eos)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.array(list(chain.from_iterable(ids)), dtype=_WORKER["dtype"])
-    nbytes = np.fromiter(
-        (len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts),
-        dtype=np.int64,
-        count=len(texts),
-    )
-    return flat, lengths, nbytes
 
 
 class _Encoder:
@@ -77,11 +47,11 @@ class _Encoder:
         self.workers = workers
         self.pool = None
         if workers > 1:
-            # spawn: safe whatever threads the parent runs (tqdm, torch); children import only numpy
-            # and sentencepiece
-            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.model_bytes,))
+            # spawn: safe whatever threads the parent runs (tqdm, torch); the children import only
+            # llmtrain.data.tokenizer (numpy, sentencepiece)
+            self.pool = mp.get_context("spawn").Pool(workers, init_worker, (tok.model_bytes,))
         else:
-            _init_worker(tok.model_bytes)
+            init_worker(tok.model_bytes)
         self.pending: deque = deque()
 
     def submit(self, chunk: list[str], meta) -> None:
@@ -105,9 +75,6 @@ class _Encoder:
                 self.pool.terminate()
             self.pool.join()
             self.pool = None
-
-
-# ---- main side ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -346,6 +313,15 @@ def tokenizer_sample(cfg: Config) -> list[str]:
     return texts
 
 
+def _announce_training(cfg: Config) -> list[str]:
+    t = cfg.tokenizer
+    print(
+        f"tokenizer: training {t.model_type}, vocab {t.vocab_size}, on up to {t.char_budget:,} characters",
+        flush=True,
+    )
+    return tokenizer_sample(cfg)
+
+
 def _sample_hash(source: str, doc_id: str) -> int:
     import hashlib
 
@@ -367,14 +343,17 @@ def prepare(cfg: Config) -> Path:
         raise ConfigError(f"prepare.workers: must be positive, got {cfg.prepare.workers}")
     if cfg.prepare.shard_tokens < 1:
         raise ConfigError(f"prepare.shard_tokens: must be positive, got {cfg.prepare.shard_tokens}")
-    for src in sources:  # fail fast on a bad path before any long work
-        if not (shard_dir(data_dir, src.name) / DONE_FILE).is_file():
-            list_files(src)
-    tok, how = get_tokenizer(cfg.tokenizer, data_dir, lambda: tokenizer_sample(cfg))
-    print(f"tokenizer: {how} {data_dir / 'tokenizer.model'} (vocab {tok.vocab_size}, hash {tok.hash[:12]})")
+    pending = [s for s in sources if _read_done(shard_dir(data_dir, s.name) / DONE_FILE) is None]
+    for src in pending:  # fail fast on a bad path before any long work
+        list_files(src)
+    t_tok = time.perf_counter()
+    tok, how = get_tokenizer(cfg.tokenizer, data_dir, lambda: _announce_training(cfg))
+    print(
+        f"tokenizer: {how} {data_dir / 'tokenizer.model'} (vocab {tok.vocab_size}, hash {tok.hash[:12]}, "
+        f"{time.perf_counter() - t_tok:.1f} s)"
+    )
     results = []
-    pending = [s for s in sources if not (shard_dir(data_dir, s.name) / DONE_FILE).is_file()]
-    encoder = _Encoder(tok, min(workers, 64)) if pending else None
+    encoder = _Encoder(tok, workers) if pending else None
     ok = False
     try:
         for src in sources:
@@ -405,7 +384,7 @@ def _summary(data_dir: Path, results: list[SourceResult], seconds: float, worker
         return
     print(
         f"{data_dir}: {docs:,} docs, {tokens:,} tokens, {shards} shards, {skipped} bad records skipped, "
-        f"{seconds:.1f} s ({workers} workers)"
+        f"{seconds:.1f} s ({workers} worker{'s' if workers != 1 else ''})"
     )
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from itertools import chain
 from pathlib import Path
 
 from llmtrain.data.config import TokenizerConfig
@@ -115,7 +116,7 @@ class Tokenizer:
         return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
 
     def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode(ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -264,10 +265,13 @@ def train_tokenizer(tcfg: TokenizerConfig, texts: Iterable[str], out_dir: str | 
         )
     except RuntimeError as err:
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise DataError(
-            f"tokenizer training on {counter[1]:,} characters failed: {msg} "
-            "(try a smaller tokenizer.vocab_size or more text via tokenizer.char_budget)"
-        ) from None
+        if "too high" in msg:
+            hint = "lower tokenizer.vocab_size, or give it more text (tokenizer.char_budget, a larger corpus)"
+        elif "required_chars" in msg:
+            hint = "raise tokenizer.vocab_size: the text has more distinct characters than it holds"
+        else:
+            hint = "check the tokenizer settings"
+        raise DataError(f"tokenizer training on {counter[1]:,} characters failed: {msg} ({hint})") from None
     extra = {"trained_docs": counter[0], "trained_chars": counter[1]}
     return _publish(writer.getvalue(), out_dir, settings_of(tcfg), extra)
 
@@ -313,7 +317,14 @@ def get_tokenizer(
             raise DataError(f"tokenizer.path {tcfg.path}: the model has no EOS piece (eos_id = -1)")
     if meta is not None and (data_dir / MODEL_FILE).is_file():
         side = data_dir / SIDECAR_FILE
-        if meta.get("settings") != wanted or (given is not None and meta["hash"] != given.hash):
+        # a given model counts as the same when its pieces are, wherever the file now lives
+        if given is not None and meta["hash"] != given.hash:
+            raise DataError(
+                f"{side}: the tokenizer in {data_dir} (hash {meta['hash'][:12]}) is not the model at "
+                f"tokenizer.path {tcfg.path} (hash {given.hash[:12]}); delete {data_dir} (tokenizer and "
+                "shards) to rebuild, or point data.dir elsewhere"
+            )
+        if given is None and meta.get("settings") != wanted:
             raise DataError(
                 f"{side}: the tokenizer in {data_dir} was made with {_diff(meta.get('settings'), wanted)}; "
                 f"delete {data_dir} (tokenizer and shards) to rebuild, or change the config to match"
@@ -336,3 +347,37 @@ def _diff(old: dict | None, new: dict) -> str:
     keys = sorted(set(old) | set(new))
     parts = [f"{k}={old.get(k)!r} (config: {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
     return ", ".join(parts) or "the same settings"
+
+
+# ---- shard preparation workers: this module imports nothing heavy, so spawned workers start fast ----
+
+_WORKER: dict = {}
+
+
+def init_worker(model_bytes: bytes) -> None:
+    """Load the model once per worker process (also called in-process for a single worker)."""
+    import sentencepiece as spm
+
+    from llmtrain.data.shards import dtype_for_vocab
+
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    _WORKER.update(sp=sp, eos=sp.eos_id(), dtype=dtype_for_vocab(sp.get_piece_size()))
+
+
+def encode_chunk(texts: list[str]):
+    """(tokens of all texts back to back, each followed by EOS; tokens per text; UTF-8 bytes per text),
+    as numpy arrays: cheap to send between processes."""
+    import numpy as np
+
+    sp, eos = _WORKER["sp"], _WORKER["eos"]
+    ids = sp.encode(texts, out_type=int, num_threads=1)
+    for doc in ids:
+        doc.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.array(list(chain.from_iterable(ids)), dtype=_WORKER["dtype"])
+    nbytes = np.fromiter(
+        (len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts),
+        dtype=np.int64,
+        count=len(texts),
+    )
+    return flat, lengths, nbytes

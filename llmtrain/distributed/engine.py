@@ -77,8 +77,9 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend,
-                    launched=launched)
+    return DistInfo(
+        rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend, launched=launched
+    )
 
 
 def shutdown() -> None:
@@ -183,7 +184,9 @@ def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def build_optimizer(param_groups: list[dict], cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: list[dict], cfg: Config, ds_config: dict[str, Any]
+) -> torch.optim.Optimizer:
     """torch AdamW; DeepSpeed's CPU Adam (AdamW mode) when the optimizer state lives on the CPU.
 
     ZeRO-Offload refuses a client torch optimizer (`zero_force_ds_cpu_optimizer`), since stepping
@@ -201,8 +204,14 @@ def build_optimizer(param_groups: list[dict], cfg: Config, ds_config: dict[str, 
     return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
 
 
-def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, world_size: int,
-                 *, load_universal: bool = False):
+def build_engine(
+    model: torch.nn.Module,
+    param_groups: list[dict],
+    cfg: Config,
+    world_size: int,
+    *,
+    load_universal: bool = False,
+):
     """Wrap the model in a DeepSpeed engine; returns (engine, ds_config)."""
     import deepspeed
 
@@ -210,6 +219,25 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, 
     optimizer = build_optimizer(param_groups, cfg, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config
+
+
+def repair_after_load(engine, weight_decays: list[float], cfg: Config) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), harmless on every other path.
+
+    It copies group 0's hyperparameters onto every group (the no-decay group would get weight decay)
+    and puts ONE `step` tensor into the state of every sub-group, so each optimizer step advances it
+    once per group and Adam's bias correction drifts. Found by comparing a 2-rank -> 1-rank resume
+    with the uninterrupted run; with this repair they match bit for bit.
+    """
+    groups = engine.optimizer.param_groups
+    if len(groups) != len(weight_decays):
+        raise RuntimeError(f"optimizer has {len(groups)} parameter groups, expected {len(weight_decays)}")
+    for group, decay in zip(groups, weight_decays):
+        group.update(weight_decay=decay, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def set_lr(engine, lr: float) -> None:

@@ -161,7 +161,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     py = state["python"].tolist()
     random.setstate((py[0], tuple(py[1:]), None))
     pos, has_gauss, gauss = state["numpy_rest"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
@@ -196,8 +198,9 @@ def write_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- save / load
 
 
-def save(engine, run_dir: str | Path, step: int, state: dict[str, Any], *, config_yaml: str,
-         keep_last: int) -> dict[str, float]:
+def save(
+    engine, run_dir: str | Path, step: int, state: dict[str, Any], *, config_yaml: str, keep_last: int
+) -> dict[str, float]:
     """Collective: every rank writes its shards and RNG state; rank 0 then marks it complete.
 
     Returns {"ckpt_s": seconds training was blocked, "ckpt_gb": size (rank 0 only, else 0)}.

@@ -50,7 +50,7 @@ class ScheduleConfig:
     """cosine (linear warmup + cosine to a floor) | wsd (warmup-stable-decay) | constant."""
     warmup_steps: int = 100
     total_steps: int | None = None
-    """Horizon of the schedule; None = train.max_steps."""
+    """Horizon of the schedule; None = train.max_steps. Past the horizon the lr stays at its floor."""
     min_lr_ratio: float = 0.1
     """Floor as a fraction of optim.lr."""
     decay_fraction: float = 0.2
@@ -93,6 +93,7 @@ class WandbConfig:
 class LoggingConfig:
     every_steps: int = 10
     progress: bool = True
+    """tqdm bar with ETA on a terminal; when false, or without a terminal, one plain line per logged step."""
     tensorboard: bool = False
     plot: bool = True
     """Write loss_curve.png into the run directory at the end."""

@@ -116,6 +116,11 @@ def _grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+def _local_grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def _to_device(batch: dict, device: torch.device, doc_mask: bool):
     tokens = batch["tokens"].to(device, non_blocking=True)  # (B, T+1)
     doc_ids = batch["doc_ids"][:, :-1].to(device, non_blocking=True) if doc_mask else None
@@ -172,8 +177,10 @@ def train(cfg: Config, info) -> int:
     # -- what we resume from (decides the global batch and whether the engine loads universal)
     vocab_size, tokenizer_hash = read_tokenizer_sidecar(cfg.data_dir)
     if cfg.model.vocab_size not in (None, vocab_size):
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {vocab_size} "
-                          f"({cfg.data_dir}/tokenizer.json); leave it unset")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {vocab_size} "
+            f"({cfg.data_dir}/tokenizer.json); leave it unset"
+        )
     cfg.model.vocab_size = vocab_size
     resume_from, state, universal = _resume_plan(cfg, world, tokenizer_hash)
     global_batch, accum = batch_layout(cfg, world)
@@ -189,8 +196,9 @@ def train(cfg: Config, info) -> int:
     # -- model and engine: the same initial weights on every rank, then per-rank randomness
     dist_engine.seed_everything(cfg.run.seed)
     model = build_model(cfg.model)
-    engine, _ = dist_engine.build_engine(model, param_groups(model, cfg.optim), cfg, world,
-                                         load_universal=universal)
+    groups = param_groups(model, cfg.optim)
+    weight_decays = [g["weight_decay"] for g in groups]
+    engine, _ = dist_engine.build_engine(model, groups, cfg, world, load_universal=universal)
     dist_engine.seed_everything(dist_engine.rank_seed(cfg.run.seed, rank))
     train_loader = build_train_loader(cfg, rank, world)
     val_loader = build_val_loader(cfg, rank, world) if cfg.train.val_every > 0 else None
@@ -198,6 +206,7 @@ def train(cfg: Config, info) -> int:
     start_step = 0
     if resume_from is not None:
         ckpt.load(engine, resume_from, restore_rng=state["world_size"] == world)
+        dist_engine.repair_after_load(engine, weight_decays, cfg)
         train_loader.load_state_dict(state["loader"])
         start_step = int(state["step"])
         if rank == 0:
@@ -206,8 +215,14 @@ def train(cfg: Config, info) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_atomic(run_dir / "config.yaml", _config_yaml(cfg))
 
-    metrics = MetricsLogger(cfg, run_dir, rank, wandb_run_id=(state or {}).get("wandb_run_id"),
-                            start_step=start_step, total_steps=max_steps)
+    metrics = MetricsLogger(
+        cfg,
+        run_dir,
+        rank,
+        wandb_run_id=(state or {}).get("wandb_run_id"),
+        start_step=start_step,
+        total_steps=max_steps,
+    )
     stop = _StopSignal()
     stop.install()
     flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -225,26 +240,32 @@ def train(cfg: Config, info) -> int:
             "wandb_run_id": metrics.wandb_run_id,
             "seed": cfg.run.seed,
         }
-        return ckpt.save(engine, run_dir, step, client, config_yaml=_config_yaml(cfg),
-                         keep_last=cfg.checkpoint.keep_last)
+        return ckpt.save(
+            engine, run_dir, step, client, config_yaml=_config_yaml(cfg), keep_last=cfg.checkpoint.keep_last
+        )
 
     engine.train()
     window = _Window(loss_sum=torch.zeros((), device=device))
     last_save = time.monotonic()
     saved_step = start_step
     step = start_step
+    own_grad_norm = None
     try:
         while step < max_steps:
             # -- one optimizer step: lr from the schedule, then accumulate over micro-batches
             lr = lr_at(step, base_lr=cfg.optim.lr, schedule=cfg.schedule, max_steps=max_steps)
             dist_engine.set_lr(engine, lr)
-            for _ in range(accum):
+            logging_step = (step + 1) % cfg.logging.every_steps == 0 or step + 1 == max_steps
+            for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = train_loader.next_batch()
                 window.data_wait += time.perf_counter() - t0
                 inputs, targets, doc_ids = _to_device(batch, device, cfg.model.doc_mask)
                 loss = engine(inputs, targets, doc_ids)
                 engine.backward(loss)
+                if logging_step and micro == accum - 1 and not engine.zero_optimization():
+                    # ZeRO-0 does not record the norm; its gradients are whole and averaged here.
+                    own_grad_norm = _local_grad_norm(model)
                 engine.step()
                 window.loss_sum += loss.detach().float()
                 window.micro_batches += 1
@@ -255,10 +276,16 @@ def train(cfg: Config, info) -> int:
             save_now = step % cfg.checkpoint.every_steps == 0 if cfg.checkpoint.every_steps else False
             stop_now = False
             if step % cfg.logging.every_steps == 0 or step == max_steps:
-                due = (cfg.checkpoint.every_minutes is not None and rank == 0
-                       and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)
-                flags = torch.tensor([window.micro_batches, float(due), float(stop.received is not None)],
-                                     dtype=torch.float32, device=device)
+                due = (
+                    cfg.checkpoint.every_minutes is not None
+                    and rank == 0
+                    and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+                )
+                flags = torch.tensor(
+                    [window.micro_batches, float(due), float(stop.received is not None)],
+                    dtype=torch.float32,
+                    device=device,
+                )
                 packed = torch.cat([window.loss_sum.reshape(1), flags])
                 dist.all_reduce(packed)
                 loss_sum, micro_batches, due_any, stop_any = packed.tolist()
@@ -267,7 +294,7 @@ def train(cfg: Config, info) -> int:
                 record = {
                     "loss": loss_sum / micro_batches,
                     "lr": lr,
-                    "grad_norm": _grad_norm(engine),
+                    "grad_norm": _grad_norm(engine) if engine.zero_optimization() else own_grad_norm,
                     "tokens_per_s": tokens_per_s,
                     "tokens_per_s_per_device": tokens_per_s / world,
                     "step_time_s": elapsed / window.steps,
@@ -289,14 +316,19 @@ def train(cfg: Config, info) -> int:
             if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
                 saved = save(step)
                 if rank == 0:
-                    print(f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
-                          f"in {saved['ckpt_s']:.2f} s)", file=sys.stderr)
+                    print(
+                        f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
+                        f"in {saved['ckpt_s']:.2f} s)",
+                        file=sys.stderr,
+                    )
                 saved_step, last_save = step, time.monotonic()
             window.excluded += time.perf_counter() - t0
             if stop_now:
                 if rank == 0:
-                    print(f"llmtrain train: {stop.received or 'signal'}: saved step {saved_step}, exiting",
-                          file=sys.stderr)
+                    print(
+                        f"llmtrain train: {stop.received or 'signal'}: saved step {saved_step}, exiting",
+                        file=sys.stderr,
+                    )
                 return 0
     finally:
         stop.restore()

@@ -53,15 +53,24 @@ def convert(checkpoint: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    args = Namespace(input_folder=str(checkpoint), output_folder=str(tmp), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = Namespace(
+        input_folder=str(checkpoint),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
             ds_to_universal.main(args)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{checkpoint}: universal conversion failed: {type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"{checkpoint}: universal conversion failed: {type(err).__name__}: {err}"
+        ) from err
     finally:
         # ds_to_universal points a `latest_universal` file at its output; we track completeness ourselves.
         (checkpoint.parent / "latest_universal").unlink(missing_ok=True)

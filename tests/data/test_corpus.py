@@ -35,7 +35,11 @@ def test_txt_folder_one_document_per_file_sorted_with_relative_ids(tmp_path):
 def test_txt_separator_splits_documents_and_drops_empty_parts(tmp_path):
     f = tmp_path / "all.txt"
     f.write_text("one\n<|doc|>two\n<|doc|>\n<|doc|>three")
-    assert docs(src(f, separator="<|doc|>")) == [("all.txt#0", "one\n"), ("all.txt#1", "two\n"), ("all.txt#3", "three")]
+    assert docs(src(f, separator="<|doc|>")) == [
+        ("all.txt#0", "one\n"),
+        ("all.txt#1", "two\n"),
+        ("all.txt#3", "three"),
+    ]
 
 
 def test_glob_ids_relative_to_fixed_prefix_and_no_match_is_an_error(tmp_path):

@@ -39,7 +39,13 @@ def fail_if_called():
 
 
 def test_trained_model_has_requested_vocab_ids_and_sidecar(trained):
-    assert (trained.vocab_size, trained.unk_id, trained.bos_id, trained.eos_id, trained.pad_id) == (400, 0, 1, 2, 3)
+    assert (trained.vocab_size, trained.unk_id, trained.bos_id, trained.eos_id, trained.pad_id) == (
+        400,
+        0,
+        1,
+        2,
+        3,
+    )
     side = json.loads((trained.path.parent / SIDECAR_FILE).read_text())
     assert side["hash"] == trained.hash and side["vocab_size"] == 400 and side["model_type"] == "bpe"
     assert side["settings"]["vocab_size"] == 400 and side["eos_id"] == 2
@@ -118,14 +124,24 @@ def test_modified_model_file_is_detected(texts, tmp_path, trained):
         get_tokenizer(cfg, tmp_path, fail_if_called)
 
 
-def test_given_model_path_is_copied_then_reused(trained, tmp_path):
+def test_given_model_path_is_copied_then_reused(texts, trained, tmp_path):
     cfg = TokenizerConfig(path=str(trained.path), vocab_size=999)
     tok, how = get_tokenizer(cfg, tmp_path / "data", fail_if_called)
     assert how == "copied" and tok.hash == trained.hash and tok.vocab_size == 400
     assert load_tokenizer(tmp_path / "data").hash == trained.hash
     assert get_tokenizer(cfg, tmp_path / "data", fail_if_called)[1] == "reused"
+    moved = tmp_path / "moved.model"
+    moved.write_bytes(trained.model_bytes)  # same pieces elsewhere: still the same tokenizer
+    assert get_tokenizer(TokenizerConfig(path=str(moved)), tmp_path / "data", fail_if_called)[1] == "reused"
+    other = train_tokenizer(TokenizerConfig(vocab_size=360), texts, tmp_path / "other")
+    with pytest.raises(
+        DataError, match=r"tokenizer\.json: the tokenizer in .* is not the model at tokenizer\.path"
+    ):
+        get_tokenizer(TokenizerConfig(path=str(other.path)), tmp_path / "data", fail_if_called)
     with pytest.raises(DataError, match=r"tokenizer\.path .*missing\.model: tokenizer model not found"):
-        get_tokenizer(TokenizerConfig(path=str(tmp_path / "missing.model")), tmp_path / "data", fail_if_called)
+        get_tokenizer(
+            TokenizerConfig(path=str(tmp_path / "missing.model")), tmp_path / "data", fail_if_called
+        )
 
 
 def test_load_errors_name_the_file(tmp_path):
@@ -138,9 +154,13 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_user_defined_symbols_are_single_pieces(texts, tmp_path):
-    tok = train_tokenizer(TokenizerConfig(vocab_size=400, user_defined_symbols=["<|endoftext|>", "<tab>"]), texts, tmp_path)
+    tok = train_tokenizer(
+        TokenizerConfig(vocab_size=400, user_defined_symbols=["<|endoftext|>", "<tab>"]), texts, tmp_path
+    )
     ids = tok.encode("a<|endoftext|>b<tab>")
-    assert [tok.id_to_piece(i) for i in ids].count("<|endoftext|>") == 1 and "<tab>" in map(tok.id_to_piece, ids)
+    assert [tok.id_to_piece(i) for i in ids].count("<|endoftext|>") == 1 and "<tab>" in map(
+        tok.id_to_piece, ids
+    )
 
 
 def test_unigram_model_type(texts, tmp_path):
@@ -150,9 +170,9 @@ def test_unigram_model_type(texts, tmp_path):
 
 
 def test_char_budget_bounds_the_training_text(texts, tmp_path):
-    tok = train_tokenizer(TokenizerConfig(vocab_size=300, char_budget=5000), texts, tmp_path)
+    tok = train_tokenizer(TokenizerConfig(vocab_size=340, char_budget=5000), texts, tmp_path)
     side = json.loads((tmp_path / SIDECAR_FILE).read_text())
-    assert side["trained_chars"] == 5000 and tok.vocab_size == 300
+    assert side["trained_chars"] == 5000 and side["trained_docs"] == 2 and tok.vocab_size == 340
 
 
 def test_bad_settings_give_one_clear_error(texts, tmp_path):
@@ -160,5 +180,5 @@ def test_bad_settings_give_one_clear_error(texts, tmp_path):
         train_tokenizer(TokenizerConfig(vocab_size=400, pad_id=2), texts, tmp_path)
     with pytest.raises(ConfigError, match=r"tokenizer\.eos_id: must be >= 0"):
         train_tokenizer(TokenizerConfig(vocab_size=400, eos_id=-1), texts, tmp_path)
-    with pytest.raises(DataError, match=r"Vocabulary size too high.*smaller tokenizer\.vocab_size"):
+    with pytest.raises(DataError, match=r"Vocabulary size too high.*lower tokenizer\.vocab_size"):
         train_tokenizer(TokenizerConfig(vocab_size=5000), ["tiny text\n"] * 10, tmp_path)

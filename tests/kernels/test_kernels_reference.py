@@ -135,10 +135,12 @@ def test_chunked_ce_rejects_out_of_range_targets_and_bad_shapes():
 
 
 def test_default_chunk_size_bounds_chunk_logits_by_hidden_states():
-    # GPT-2 small, 8 x 1024 tokens: ceil(50304 / 768) = 66 chunks -> 125 rows -> 128, raised to the floor 256
-    assert default_chunk_size(8192, 768, 50304) == 256
-    # Llama-3-8B, 16 x 2048 tokens: 32 chunks of 1024 rows; chunk logits 1024 x 128256 ~ N x D
-    assert default_chunk_size(32768, 4096, 128256) == 1024
+    # GPT-2 small, 8 x 1024 tokens: ceil(50304 / 768) = 66 chunks -> 125 rows -> 128, raised to the floor
+    assert default_chunk_size(8192, 768, 50304, min_rows=256) == 256
+    assert default_chunk_size(8192, 768, 50304) == 4096  # the GPU floor
+    # Llama-3-8B, 64 x 2048 tokens: 32 chunks of 4096 rows; chunk logits 4096 x 128256 ~ N x D
+    assert default_chunk_size(131072, 4096, 128256) == 4096
+    assert default_chunk_size(262144, 4096, 128256, min_rows=256) == 8192
     assert default_chunk_size(10, 4096, 128256) == 10  # never more rows than there are
 
 
@@ -158,7 +160,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_chunked_ce_never_materializes_full_logits():
-    n, d, v, chunk = 64, 16, 5000, 8
+    n, d, v, chunk = 64, 16, 2000, 8
     h, w, t = _ce_inputs(n, d, v)
     with _LargestTensor() as fused:
         K.fused_linear_cross_entropy(h, w, t, chunk_size=chunk).backward()
@@ -166,3 +168,14 @@ def test_chunked_ce_never_materializes_full_logits():
         K.naive_linear_cross_entropy(h, w, t).backward()
     assert naive.largest == n * v
     assert fused.largest == max(chunk * v, v * d)
+
+
+def test_chunked_ce_under_autocast_runs_in_bf16_and_returns_fp32_grads():
+    h, w, t = _ce_inputs(20, 16, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, gh, gw = _loss_and_grads(K.fused_linear_cross_entropy, h, w, t, chunk_size=6)
+        ref, rh, rw = _loss_and_grads(K.naive_linear_cross_entropy, h, w, t)
+    assert gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    for got, want in ((gh, rh), (gw, rw)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -61,6 +61,19 @@ def test_rms_norm_matches_reference(shape, dtype):
     assert_close(gw, gw_ref, dtype)
 
 
+def test_rms_norm_bf16_input_with_fp32_weight():
+    torch.manual_seed(5)
+    x = torch.randn(9, 100, device=DEVICE).bfloat16()
+    w = 1 + 0.1 * torch.randn(100, device=DEVICE)
+    dy = torch.randn(9, 100, device=DEVICE).bfloat16()
+    y, (gx, gw) = grads_of(lambda a, b: K.rms_norm(a, b, 1e-6), [x, w], dy)
+    y_ref, (gx_ref, gw_ref) = grads_of(lambda a, b: K.rms_norm_ref(a, b, 1e-6), [x, w], dy)
+    assert_close(y, y_ref, torch.bfloat16)
+    assert_close(gx, gx_ref, torch.bfloat16)
+    assert gw.dtype == torch.float32
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rms_norm_reads_row_strided_input():
     torch.manual_seed(1)
     base = torch.randn(37, 128, device=DEVICE)

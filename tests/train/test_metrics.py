@@ -152,7 +152,8 @@ def test_wandb_offline_resume_reuses_run_id(cfg, tmp_path, monkeypatch):
     second.log(2, {"loss": 1.0})
     second.close()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    # one folder per session, or one if both started within the same second (the name has the time)
+    assert runs and all(r.name.endswith(f"-{run_id}") for r in runs)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 

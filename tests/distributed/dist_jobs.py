@@ -1,0 +1,132 @@
+"""Helpers for real multi-process training jobs on CPU ranks (gloo), started through the real launchers.
+
+Runs are cached per session and reused across assertions: the 2N-step run that saves at step N is
+both the reference and the checkpoint a resume starts from (from a copy of its run folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from llmtrain.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+N = 3  # the checkpoint step; runs go to 2N
+# Tiny and fast: fp32 (bit-exact on CPU), a constant lr high enough that 6 steps visibly lower the loss.
+BASE = [
+    "debug=cpu",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    f"train.max_steps={2 * N}",
+    f"checkpoint.every_steps={N}",
+    "logging.every_steps=1",
+    "logging.progress=false",
+    "logging.plot=false",
+    "train.val_every=0",
+    "optim.lr=3e-3",
+    "schedule=constant",
+    "schedule.warmup_steps=2",
+]
+_CLEAR = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NNODES",
+    "NODE_RANK",
+    "NPROC_PER_NODE",
+    "HOSTFILE",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEAR}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300):
+    """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks."""
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--no_local_rank",
+        "--module",
+        "llmtrain.train",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def single_job(overrides: list[str], *, cwd: Path, timeout: int = 300):
+    """`python -m llmtrain.train ...`: one plain process, no launcher."""
+    cmd = [sys.executable, "-m", "llmtrain.train", *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+class Runs:
+    """Session cache of finished runs, keyed by name; each lives in its own folder."""
+
+    def __init__(self, root: Path, data_overrides: list[str]):
+        self.root = root
+        self.data = data_overrides
+        self.cache: dict[str, Path] = {}
+
+    def overrides(self, run_dir: Path, *extra: str) -> list[str]:
+        return [*self.data, *BASE, f"run.dir={run_dir}", *extra]
+
+    def reference(self, stage: int, ranks: int = 2) -> Path:
+        """2N steps on `ranks` ranks with ZeRO `stage`, checkpointing at N and 2N."""
+        name = f"ref_z{stage}_r{ranks}"
+        if name not in self.cache:
+            run_dir = self.root / name
+            ov = self.overrides(run_dir, f"deepspeed.zero_stage={stage}")
+            if ranks == 1:
+                check(single_job(ov, cwd=self.root))
+            else:
+                check(deepspeed_job(ov, ranks=ranks, cwd=self.root))
+            self.cache[name] = run_dir
+        return self.cache[name]

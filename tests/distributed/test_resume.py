@@ -1,0 +1,137 @@
+"""Exact resume on 2 CPU ranks (ZeRO 1/2/3), across world sizes, and the multi-node launch path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from dist_jobs import (
+    ROOT,
+    N,
+    check,
+    copy_run,
+    deepspeed_job,
+    free_port,
+    grad_norms,
+    job_env,
+    losses,
+    single_job,
+)
+
+from llmtrain.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+STEPS = 2 * N
+
+
+def assert_complete_checkpoints(run_dir, world_size: int) -> None:
+    root = ckpt.checkpoints_dir(run_dir)
+    assert (root / ckpt.LATEST).read_text() == f"step_{STEPS}"
+    for step in (N, STEPS):
+        path = ckpt.step_dir(run_dir, step)
+        assert ckpt.is_complete(path), path
+        state = json.loads((path / ckpt.STATE_FILE).read_text())
+        assert state["step"] == step and state["world_size"] == world_size
+        assert state["loader"]["next_sample"] == step * 8  # global batch 8
+        assert sorted(p.name for p in path.glob("rng_rank*.pt")) == [
+            f"rng_rank{r:05d}.pt" for r in range(world_size)
+        ]
+    assert not (root / "latest_universal").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_and_checkpoints_are_complete(runs, stage):
+    run_dir = runs.reference(stage)
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[STEPS] < loss[1] - 0.3, loss
+    assert all(isinstance(g, float) and g > 0 for g in grad_norms(run_dir).values())
+    assert_complete_checkpoints(run_dir, world_size=2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_same_ranks_is_bit_exact(runs, stage):
+    ref = runs.reference(stage)
+    run_dir = copy_run(ref, runs.root / f"resume_z{stage}_r2")
+    resume = ckpt.step_dir(run_dir, N)
+    check(
+        deepspeed_job(
+            runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", f"resume={resume}"), cwd=runs.root
+        )
+    )
+    expected, got = losses(ref), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))  # records past N were dropped, then rewritten
+    for step in range(N + 1, STEPS + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])
+        assert grad_norms(run_dir)[step] == grad_norms(ref)[step]
+    assert_complete_checkpoints(run_dir, world_size=2)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_on_one_rank_continues_bit_exact(runs, stage):
+    """2 ranks -> 1 rank: same global batch (accumulation 1 -> 2), through a universal checkpoint.
+
+    Bit for bit holds because (g0 + g1) / 2 (all-reduce) equals g0 / 2 + g1 / 2 (accumulation)
+    exactly in floating point, AdamW is elementwise, and the universal checkpoint stores fp32
+    weights and moments losslessly (after the ZeRO-3 load repairs in distributed/engine.py).
+    """
+    ref = runs.reference(stage)
+    run_dir = copy_run(ref, runs.root / f"resume_z{stage}_r1")
+    resume = ckpt.step_dir(run_dir, N)
+    check(
+        single_job(
+            runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", f"resume={resume}"), cwd=runs.root
+        )
+    )
+    assert ckpt.is_complete(resume.with_name(resume.name + ckpt.UNIVERSAL_SUFFIX))
+    expected, got = losses(ref), losses(run_dir)
+    for step in range(N + 1, STEPS + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])
+    state = ckpt.read_state(ckpt.step_dir(run_dir, STEPS))
+    assert state["world_size"] == 1 and state["loader"]["next_sample"] == STEPS * 8
+
+
+def test_save_on_one_rank_resume_on_two_continues_bit_exact(runs):
+    """1 rank -> 2 ranks with ZeRO-2; the 1-rank run itself equals the 2-rank run from scratch."""
+    one = runs.reference(2, ranks=1)
+    two = runs.reference(2, ranks=2)
+    assert losses(one) == losses(two)
+    run_dir = copy_run(one, runs.root / "resume_z2_1to2")
+    resume = ckpt.step_dir(run_dir, N)
+    check(deepspeed_job(runs.overrides(run_dir, "deepspeed.zero_stage=2", f"resume={resume}"), cwd=runs.root))
+    expected, got = losses(two), losses(run_dir)
+    for step in range(N + 1, STEPS + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])
+    assert_complete_checkpoints(run_dir, world_size=2)
+
+
+def test_two_nodes_train_together_and_checkpoint(runs):
+    """Two launches of launch/pretrain.sh on this machine, one CPU rank each (NNODES=2), ZeRO-0."""
+    run_dir = runs.root / "two_nodes"
+    overrides = runs.overrides(run_dir, "deepspeed.zero_stage=0")
+    env = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NPROC_PER_NODE="1")
+    script = str(ROOT / "launch" / "pretrain.sh")
+    nodes = [
+        subprocess.Popen(
+            [script, *overrides],
+            cwd=runs.root,
+            env=job_env(NODE_RANK=str(rank), **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (1, 0)
+    ]
+    try:
+        results = [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+    for result in results:
+        check(result)
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[STEPS] < loss[1] - 0.3, loss
+    assert_complete_checkpoints(run_dir, world_size=2)

@@ -1,0 +1,172 @@
+"""`llmtrain train` in this process (a world of one, no launcher): what a run writes, and resume rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from llmtrain.cli import run as cli_run
+from llmtrain.config import load_config
+from llmtrain.errors import CheckpointError, DataError
+from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.metrics import read_metrics
+
+STEPS = 4
+TRAIN = [
+    "debug=cpu",
+    "deepspeed=zero1",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",  # accumulation 2
+    f"train.max_steps={STEPS}",
+    "checkpoint.every_steps=2",
+    "train.val_every=2",
+    "train.val_batches=2",
+    "logging.every_steps=1",
+    "logging.progress=false",
+    "optim.lr=3e-3",
+    "schedule=constant",
+    "schedule.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def restore_env():
+    """The trainer gives this process the env of a world of one; leave os.environ as we found it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def overrides(prepared_data, tmp_path_factory, restore_env):
+    root = tmp_path_factory.mktemp("trainer")
+    return lambda name, *extra: [*prepared_data.overrides, *TRAIN, f"run.dir={root / name}", *extra]
+
+
+def train(overrides: list[str]) -> int:
+    from llmtrain.train.trainer import main
+
+    return main(load_config(overrides))
+
+
+@pytest.fixture(scope="module")
+def reference(overrides):
+    """4 steps with wandb offline, validation and checkpoints every 2 steps."""
+    ov = overrides("ref", "logging.wandb.mode=offline")
+    assert train(ov) == 0
+    return load_config(ov).run_dir
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_run_writes_metrics_validation_checkpoints_and_config(reference):
+    records = read_metrics(reference / "metrics.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for r in train_records:
+        for key in (
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "tokens_per_s_per_device",
+            "step_time_s",
+            "data_wait_share",
+            "memory_gb",
+        ):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
+        assert 0 <= r["data_wait_share"] < 1
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    for source in ("books", "web"):
+        loss = val[-1][f"val/{source}/loss"]
+        assert val[-1][f"val/{source}/ppl"] == pytest.approx(math.exp(loss))
+        assert 0 < val[-1][f"val/{source}/bpb"] < loss / math.log(2)  # more than one byte per token
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    assert (reference / "loss_curve.png").stat().st_size > 0
+    resolved = (reference / "config.yaml").read_text()
+    assert "vocab_size: 512" in resolved and f"total_steps: {STEPS}" in resolved
+    assert (reference / "checkpoints" / "latest").read_text() == "step_4"
+    state = ckpt.read_state(ckpt.step_dir(reference, 4))
+    assert state["step"] == 4 and state["world_size"] == 1 and state["loader"]["next_sample"] == 32
+    assert state["wandb_run_id"]
+
+
+def test_resume_continues_bit_exact_in_the_same_wandb_run(reference, overrides):
+    ov = overrides("resumed", "logging.wandb.mode=offline")
+    run_dir = load_config(ov).run_dir
+    shutil.copytree(reference, run_dir)
+    assert train([*ov, f"resume={ckpt.step_dir(run_dir, 2)}"]) == 0
+    expected, got = losses(reference), losses(run_dir)
+    assert got == expected  # steps 1-2 kept from before the checkpoint, 3-4 recomputed bit for bit
+    run_id = ckpt.read_state(ckpt.step_dir(reference, 4))["wandb_run_id"]
+    assert ckpt.read_state(ckpt.step_dir(run_dir, 4))["wandb_run_id"] == run_id
+    offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(overrides, tmp_path, capsys):
+    missing = tmp_path / "nope" / "step_9"
+    assert cli_run("train", [*overrides("missing"), f"resume={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llmtrain train: error: resume={missing}: checkpoint {missing} does not exist"
+
+
+def test_an_incomplete_checkpoint_is_refused(reference, overrides):
+    ov = overrides("incomplete")
+    run_dir = load_config(ov).run_dir
+    shutil.copytree(reference, run_dir)
+    (ckpt.step_dir(run_dir, 4) / ckpt.COMPLETE).unlink()
+    with pytest.raises(CheckpointError, match="step_4 is incomplete"):
+        train([*ov, f"resume={ckpt.step_dir(run_dir, 4)}"])
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train([*ov, "resume=none"])
+
+
+def test_tokenizer_change_on_resume_is_refused(reference, overrides):
+    ov = overrides("tokenizer")
+    run_dir = load_config(ov).run_dir
+    shutil.copytree(reference, run_dir)
+    state_file = ckpt.step_dir(run_dir, 4) / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["tokenizer_hash"] = "0123456789ab"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="saved with tokenizer 0123456789ab, but .*tokenizer.json has"):
+        train(ov)
+
+
+def test_missing_tokenizer_says_to_prepare(overrides, tmp_path):
+    with pytest.raises(DataError, match="run `llmtrain prepare` first"):
+        train([*overrides("nodata"), f"data.dir={tmp_path / 'empty'}"])
+
+
+def test_consolidated_weights_and_universal_conversion(reference, overrides):
+    import torch
+
+    from llmtrain.model import build_model
+    from llmtrain.train import universal
+
+    weights = ckpt.load_model_state(ckpt.step_dir(reference, 4))
+    cfg = load_config(overrides("ref"))
+    cfg.model.vocab_size = 512
+    model = build_model(cfg.model)
+    assert weights.keys() == model.state_dict().keys()
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    model.load_state_dict(weights)
+
+    ov = overrides("universal")
+    run_dir = load_config(ov).run_dir
+    shutil.copytree(reference, run_dir)
+    assert universal.main(load_config(ov)) == 0  # `llmtrain checkpoint`: the newest complete one
+    out = ckpt.step_dir(run_dir, 4).with_name("step_4" + ckpt.UNIVERSAL_SUFFIX)
+    assert ckpt.is_complete(out) and (out / ckpt.STATE_FILE).is_file() and (out / "zero").is_dir()
+    assert not (run_dir / "checkpoints" / "latest_universal").exists()
