@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmtrain.data.config import DataConfig, PrepareConfig, TokenizerConfig
 from llmtrain.errors import UserError
-from llmtrain.model.config import ModelConfig
+from llmtrain.model.config import ModelConfig, check_model_config
 from llmtrain.train.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -204,6 +204,7 @@ def validate(cfg: Config) -> None:
         _check(cfg.deepspeed.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage=3")
     if cfg.deepspeed.offload_optimizer:
         _check(cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs deepspeed.zero_stage>=1")
+    check_model_config(cfg.model, need_vocab=False)
     names = [s.name for s in cfg.data.sources]
     _check(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
     for i, src in enumerate(cfg.data.sources):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from dist_jobs import (
@@ -25,17 +28,18 @@ pytestmark = pytest.mark.slow
 STEPS = 2 * N
 
 
-def assert_complete_checkpoints(run_dir, world_size: int) -> None:
+def assert_complete_checkpoints(run_dir, world_size: int, *, world_at_n: int | None = None) -> None:
     root = ckpt.checkpoints_dir(run_dir)
     assert (root / ckpt.LATEST).read_text() == f"step_{STEPS}"
     for step in (N, STEPS):
+        world = world_at_n if step == N and world_at_n else world_size
         path = ckpt.step_dir(run_dir, step)
         assert ckpt.is_complete(path), path
         state = json.loads((path / ckpt.STATE_FILE).read_text())
-        assert state["step"] == step and state["world_size"] == world_size
+        assert state["step"] == step and state["world_size"] == world
         assert state["loader"]["next_sample"] == step * 8  # global batch 8
         assert sorted(p.name for p in path.glob("rng_rank*.pt")) == [
-            f"rng_rank{r:05d}.pt" for r in range(world_size)
+            f"rng_rank{r:05d}.pt" for r in range(world)
         ]
     assert not (root / "latest_universal").exists()
 
@@ -103,7 +107,7 @@ def test_save_on_one_rank_resume_on_two_continues_bit_exact(runs):
     expected, got = losses(two), losses(run_dir)
     for step in range(N + 1, STEPS + 1):
         assert got[step] == expected[step], (step, got[step], expected[step])
-    assert_complete_checkpoints(run_dir, world_size=2)
+    assert_complete_checkpoints(run_dir, world_size=2, world_at_n=1)
 
 
 def test_two_nodes_train_together_and_checkpoint(runs):
@@ -135,3 +139,30 @@ def test_two_nodes_train_together_and_checkpoint(runs):
     assert sorted(loss) == list(range(1, STEPS + 1))
     assert loss[STEPS] < loss[1] - 0.3, loss
     assert_complete_checkpoints(run_dir, world_size=2)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
+    run_dir = runs.root / "sigterm"
+    ov = runs.overrides(run_dir, "train.max_steps=100000", "checkpoint.every_steps=0", "train.val_every=0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtrain.train", *ov],
+        cwd=runs.root,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(losses(run_dir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    last = max(losses(run_dir))
+    assert 2 <= last < 100000
+    assert (ckpt.checkpoints_dir(run_dir) / ckpt.LATEST).read_text() == f"step_{last}"
+    assert ckpt.is_complete(ckpt.step_dir(run_dir, last))
+    assert f"SIGTERM: saved step {last}, exiting" in err

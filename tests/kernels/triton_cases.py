@@ -128,9 +128,9 @@ def test_fused_linear_cross_entropy_matches_naive(n, d, v, chunk, scale, dtype):
     t[::4] = -100  # ignored tokens, including whole ignored rows inside chunks
     loss, (gh, gw) = grads_of(lambda a, b: K.fused_linear_cross_entropy(a, b, t, chunk_size=chunk), [h, w])
     loss_ref, (gh_ref, gw_ref) = grads_of(lambda a, b: K.naive_linear_cross_entropy(a, b, t), [h, w])
-    # The loss is fp32 either way; in bf16 the chunk matmuls may round a few logits differently.
-    tol = 1e-5 if dtype == torch.float32 else 1e-3
-    torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
+    # The loss is fp32 either way; in bf16 a chunk matmul may round a logit one ulp away from the full one.
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 1e-3)
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=atol)
     assert_close(gh, gh_ref, dtype)
     assert_close(gw, gw_ref, dtype)
 

@@ -170,3 +170,19 @@ def test_consolidated_weights_and_universal_conversion(reference, overrides):
     out = ckpt.step_dir(run_dir, 4).with_name("step_4" + ckpt.UNIVERSAL_SUFFIX)
     assert ckpt.is_complete(out) and (out / ckpt.STATE_FILE).is_file() and (out / "zero").is_dir()
     assert not (run_dir / "checkpoints" / "latest_universal").exists()
+
+
+def test_time_based_checkpoints_keep_the_last_k(overrides):
+    ov = overrides(
+        "timed",
+        "train.max_steps=3",
+        "train.val_every=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=1e-9",  # due at every logging interval (every step here)
+        "checkpoint.at_end=false",
+        "checkpoint.keep_last=2",
+    )
+    assert train(ov) == 0
+    run_dir = load_config(ov).run_dir
+    assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"
