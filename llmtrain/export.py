@@ -65,6 +65,7 @@ def _write_tokenizer(tokenizer, folder: Path) -> None:
         "pad_token": piece(tokenizer.pad_id),
         "add_bos_token": True,
         "add_eos_token": False,
+        "add_prefix_space": False,  # our pieces have no dummy "▁" prefix; HF's default would add one
         "legacy": False,
         "model_max_length": 1_000_000,
     }

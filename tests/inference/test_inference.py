@@ -1,0 +1,97 @@
+"""eval / generate / export of a checkpoint trained here, in this process (a world of one)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from llmtrain.cli import run as cli_run
+from llmtrain.config import load_config
+from llmtrain.train.metrics import read_metrics
+
+TRAIN = [
+    "debug=cpu",
+    "train.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.max_steps=6",
+    "train.val_every=6",
+    "train.val_batches=2",
+    "checkpoint.every_steps=6",
+    "logging.every_steps=3",
+    "logging.progress=false",
+    "optim.lr=3e-3",
+    "schedule.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_data, tmp_path_factory):
+    """One short run; the trainer sets the env of a world of one, restored afterwards."""
+    from llmtrain.train.trainer import main
+
+    saved = dict(os.environ)
+    overrides = [*prepared_data.overrides, *TRAIN, f"run.dir={tmp_path_factory.mktemp('inference') / 'run'}"]
+    try:
+        assert main(load_config(overrides)) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return overrides
+
+
+def test_eval_reproduces_the_trainers_validation_loss(trained, capsys):
+    """Same checkpoint, same validation batches: the plain model must give the engine's loss."""
+    cfg = load_config(trained)
+    logged = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_loss" in r][-1]
+    assert cli_run("eval", [*trained, "eval.micro_batch_size=4", "eval.max_batches=2"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)
+    assert result["step"] == 6
+    assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    for source in ("books", "web"):
+        assert result[f"val/{source}/bpb"] > 0
+
+
+def test_generate_is_seeded_and_starts_with_the_prompt(trained, capsys):
+    args = [*trained, "generate.prompt=import", "generate.max_new_tokens=12", "generate.num_samples=2"]
+    assert cli_run("generate", args) == 0
+    first = capsys.readouterr().out
+    assert cli_run("generate", args) == 0
+    assert capsys.readouterr().out == first
+    samples = [block.split("\n", 1)[1] for block in first.split("--- sample ")[1:]]
+    assert len(samples) == 2
+    assert all(s.startswith("import") for s in samples)
+
+
+def test_export_loads_in_transformers_with_identical_logits_and_tokens(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llmtrain.data.tokenizer import load_tokenizer
+    from llmtrain.export import export_hf
+    from llmtrain.inference import load_checkpoint_model
+
+    cfg = load_config(trained)
+    out = export_hf(cfg, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = load_checkpoint_model(cfg, None, device=torch.device("cpu")).model
+    ids = torch.randint(0, cfg.model.vocab_size or 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(ids)[..., : hf_model.config.vocab_size]
+        got = hf_model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = load_tokenizer(cfg.data_dir)
+    text = "def f(x):\n    return  x * 2  # ünïcode ☃\n"
+    assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(text)]
+    assert json.loads((out / "llmtrain.json").read_text())["tokenizer_hash"] == tok.hash
+
+
+def test_generate_without_checkpoint_is_one_clear_line(prepared_data, tmp_path, capsys):
+    rc = cli_run("generate", [*prepared_data.overrides, f"run.dir={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1
+    assert "no complete checkpoint" in err and str(tmp_path / "empty") in err
