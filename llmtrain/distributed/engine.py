@@ -7,9 +7,11 @@ reads as a plain loop.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +22,10 @@ from llmtrain.config import Config, ConfigError, batch_layout
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; we log ourselves.
 _NEVER = 2**31 - 1
-# Keys of the generated config that the trainer and the loader rely on; a raw override of them would
-# make DeepSpeed's view of the batch differ from ours.
 # Set once this process made its own world of one (so the env we wrote is not mistaken for a launcher's).
 _SELF_WORLD = False
+# Keys of the generated config that the trainer and the loader rely on; a raw override of them would
+# make DeepSpeed's view of the batch differ from ours.
 _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -67,6 +69,13 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    if not os.environ.get("LLMTRAIN_DEBUG"):
+        # DeepSpeed's INFO lines (configs, timers) and torch's deprecation notices about the
+        # collectives DeepSpeed calls drown the progress output; LLMTRAIN_DEBUG=1 shows them.
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     backend = "nccl" if has_gpu() else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -121,8 +130,10 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage in (1, 2):
-        # Contiguous buffers and overlapped reduction are the defaults we want at scale.
-        zero.update(contiguous_gradients=True, overlap_comm=has_gpu())
+        # On GPUs: contiguous gradient buffers (less fragmentation) and reduction overlapped with the
+        # backward pass. On CPU ranks both only add copies (measured: ZeRO-1 on one process went from
+        # 9% to 3% slower than a bare loop without the contiguous buffer).
+        zero.update(contiguous_gradients=has_gpu(), overlap_comm=has_gpu())
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu()}
     if ds.offload_params:
@@ -179,6 +190,19 @@ def _check_merged(merged: dict[str, Any], ours: dict[str, Any]) -> None:
         raise ConfigError("deepspeed.config.zero_optimization.offload_optimizer needs stage >= 1")
 
 
+def _check_precision(ds_config: dict[str, Any]) -> None:
+    """A clear error instead of DeepSpeed's traceback when the device lacks the chosen precision."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for key, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
+        if ds_config.get(key, {}).get("enabled") and not supported():
+            raise ConfigError(
+                f"train.precision={key}: not supported by this device ({accelerator.device_name()}); "
+                "use train.precision=bf16 or fp32"
+            )
+
+
 def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in ("none", None)
@@ -219,6 +243,7 @@ def build_engine(
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size, load_universal=load_universal)
+    _check_precision(ds_config)
     optimizer = build_optimizer(param_groups, cfg, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config

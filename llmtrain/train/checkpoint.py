@@ -18,11 +18,13 @@ the ranks agree the save finished, so it can point at a half-written checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -275,9 +277,11 @@ def load_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     if any(path.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # DeepSpeed narrates on stdout (from its import on), where `llmtrain generate` writes samples.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         # ZeRO-0 keeps the whole module in mp_rank_00 (in the training dtype).
         files = sorted(path.glob("mp_rank_*_model_states.pt"))

@@ -173,6 +173,12 @@ def train(cfg: Config, info) -> int:
 
     rank, world, device = info.rank, info.world_size, info.device
     run_dir = cfg.run_dir
+    if cfg.logging.every_steps < 1:
+        raise ConfigError(f"logging.every_steps: must be at least 1, got {cfg.logging.every_steps}")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(
+            f"checkpoint.every_steps: must be 0 (off) or positive, got {cfg.checkpoint.every_steps}"
+        )
 
     # -- what we resume from (decides the global batch and whether the engine loads universal)
     vocab_size, tokenizer_hash = read_tokenizer_sidecar(cfg.data_dir)
@@ -211,6 +217,11 @@ def train(cfg: Config, info) -> int:
         start_step = int(state["step"])
         if rank == 0:
             print(f"llmtrain train: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+            if start_step >= max_steps:
+                print(
+                    f"llmtrain train: train.max_steps={max_steps} already reached; nothing to do",
+                    file=sys.stderr,
+                )
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_atomic(run_dir / "config.yaml", _config_yaml(cfg))
@@ -250,6 +261,7 @@ def train(cfg: Config, info) -> int:
     saved_step = start_step
     step = start_step
     own_grad_norm = None
+    last_checkpoint: dict[str, float] = {}  # reported with the next training record
     try:
         while step < max_steps:
             # -- one optimizer step: lr from the schedule, then accumulate over micro-batches
@@ -305,6 +317,8 @@ def train(cfg: Config, info) -> int:
                 util = mfu(tokens_per_s / world, flops_tok, peak)
                 if util is not None:
                     record["mfu"] = util
+                record.update(last_checkpoint)
+                last_checkpoint = {}
                 metrics.log(step, record)
                 save_now = save_now or due_any > 0
                 stop_now = stop_any > 0
@@ -315,6 +329,7 @@ def train(cfg: Config, info) -> int:
                 metrics.log_val(step, validate(engine, val_loader, cfg, device))
             if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
                 saved = save(step)
+                last_checkpoint = {"checkpoint_s": saved["ckpt_s"], "checkpoint_gb": saved["ckpt_gb"]}
                 if rank == 0:
                     print(
                         f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from llmtrain.cli import run as cli_run
-from llmtrain.config import load_config
+from llmtrain.config import ConfigError, load_config
 from llmtrain.errors import CheckpointError, DataError
 from llmtrain.train import checkpoint as ckpt
 from llmtrain.train.metrics import read_metrics
@@ -186,3 +186,12 @@ def test_time_based_checkpoints_keep_the_last_k(overrides):
     run_dir = load_config(ov).run_dir
     assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"
+
+
+def test_a_precision_the_device_lacks_is_a_config_error(overrides):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this device supports fp16")
+    with pytest.raises(ConfigError, match=r"train.precision=fp16: not supported by this device \(cpu\)"):
+        train([*overrides("fp16"), "train.precision=fp16"])
