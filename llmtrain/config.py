@@ -197,6 +197,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
     _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must not be negative (0 disables)")
+    _check(cfg.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
+    _check(cfg.train.val_every >= 0, "train.val_every", "must not be negative (0 disables)")
     total = cfg.schedule.total_steps
     _check(total is None or total > 0, "schedule.total_steps", "must be positive")
     _check(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must not be negative")

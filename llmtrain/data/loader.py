@@ -71,7 +71,7 @@ def key_of(*parts: int) -> int:
     """A 64-bit key hashed from integers (seed, purpose tag, block or epoch, ...)."""
     h = 0x9E3779B97F4A7C15
     for part in parts:
-        h = _mix_int((h ^ (int(part) & _M64)) + 0x9E3779B97F4A7C15 & _M64)
+        h = _mix_int(((h ^ (int(part) & _M64)) + 0x9E3779B97F4A7C15) & _M64)
     return h
 
 
@@ -225,7 +225,10 @@ class TrainLoader:
             raise UserError("data.sources: no sources to load")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
-        if seq_len <= 0 or micro_batch_size <= 0 or global_batch_size % (micro_batch_size * world_size):
+        for key, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
+            if value <= 0:
+                raise UserError(f"train.{key}: must be positive, got {value}")
+        if global_batch_size <= 0 or global_batch_size % (micro_batch_size * world_size):
             raise UserError(
                 f"train.global_batch_size={global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={micro_batch_size} x world {world_size}"

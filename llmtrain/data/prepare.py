@@ -5,7 +5,8 @@ to a pool of worker processes; results come back in submission order, so the sha
 byte-identical whatever the worker count. Each source's train and validation documents go to
 `shards/<source>/{train,val}_NNNNN`; a shard closes at the first document end past
 `prepare.shard_tokens`. A source is finished when `shards/<source>/done.json` exists; an
-interrupted source resumes after its last complete shard.
+interrupted source resumes after its last complete shard, but only when `started.json` shows the
+interrupted run had the same settings (else its shards are dropped and the source starts over).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from llmtrain.data.tokenizer import Tokenizer, encode_chunk, get_tokenizer, init
 from llmtrain.errors import DataError
 
 DONE_FILE = "done.json"
+STARTED_FILE = "started.json"
 _CHUNK_DOCS = 64
 _CHUNK_CHARS = 1 << 20
 
@@ -102,7 +104,8 @@ def _source_settings(src: SourceConfig, tok: Tokenizer, val_fraction: float) -> 
     }
 
 
-def _read_done(path: Path) -> dict | None:
+def _read_settings_file(path: Path) -> dict | None:
+    """The JSON object of done.json / started.json, or None when missing or unreadable."""
     if not path.is_file():
         return None
     try:
@@ -149,31 +152,61 @@ def _remove_stale(data_dir: Path, src: SourceConfig, split: str, count: int) -> 
         tmp.unlink(missing_ok=True)
 
 
+def _cached_result(folder: Path, src: SourceConfig, settings: dict) -> SourceResult | None:
+    """The totals of a finished source from its done.json; None when it is not finished."""
+    done = _read_settings_file(folder / DONE_FILE)
+    if done is None:
+        return None
+    if done["settings"] != settings:
+        diff = ", ".join(
+            f"{k}={done['settings'].get(k)!r} (now {v!r})"
+            for k, v in settings.items()
+            if done["settings"].get(k) != v
+        )
+        raise DataError(
+            f"{folder / DONE_FILE}: shards of source {src.name!r} were made with {diff}; "
+            f"delete {folder} to rebuild them"
+        )
+    res = SourceResult(src.name, status="cached")
+    try:
+        for split in SPLITS:
+            for key in ("docs", "tokens", "bytes", "shards"):
+                getattr(res, key)[split] = int(done["splits"][split][key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(
+            f"{folder / DONE_FILE}: malformed ({type(err).__name__}: {err}); delete it to re-check the shards"
+        ) from None
+    res.skipped_records = int(done.get("skipped_records", 0))
+    return res
+
+
+def _start_or_resume(
+    data_dir: Path, src: SourceConfig, tok: Tokenizer, settings: dict, res: SourceResult
+) -> dict[str, int]:
+    """Index of the next shard of each split: after the kept shards of an interrupted run with these
+    settings (their totals go into `res`), else 0 with every old shard removed."""
+    folder = shard_dir(data_dir, src.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = _read_settings_file(folder / STARTED_FILE)
+    if started is not None and started["settings"] == settings:
+        return {split: _resume_point(data_dir, src, split, tok, res) for split in SPLITS}
+    # Shards of a run with other settings (another path, format or val_fraction) would pass the
+    # tokenizer check yet hold other documents: keeping them would silently mix two corpora.
+    for split in SPLITS:
+        _remove_stale(data_dir, src, split, 0)
+    _write_json(folder / STARTED_FILE, {"settings": settings})
+    return dict.fromkeys(SPLITS, 0)
+
+
 def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Encoder) -> SourceResult:
     data_dir = cfg.data_dir
     folder = shard_dir(data_dir, src.name)
     settings = _source_settings(src, tok, cfg.data.val_fraction)
+    cached = _cached_result(folder, src, settings)
+    if cached is not None:
+        return cached
     res = SourceResult(src.name)
-    done = _read_done(folder / DONE_FILE)
-    if done is not None:
-        if done["settings"] != settings:
-            diff = ", ".join(
-                f"{k}={done['settings'].get(k)!r} (now {v!r})"
-                for k, v in settings.items()
-                if done["settings"].get(k) != v
-            )
-            raise DataError(
-                f"{folder / DONE_FILE}: shards of source {src.name!r} were made with {diff}; "
-                f"delete {folder} to rebuild them"
-            )
-        for split in SPLITS:
-            for key in ("docs", "tokens", "bytes", "shards"):
-                getattr(res, key)[split] = int(done["splits"][split][key])
-        res.skipped_records, res.status = int(done.get("skipped_records", 0)), "cached"
-        return res
-
-    folder.mkdir(parents=True, exist_ok=True)
-    next_index = {s: _resume_point(data_dir, src, s, tok, res) for s in SPLITS}
+    next_index = _start_or_resume(data_dir, src, tok, settings, res)
     to_skip = dict(res.docs)  # documents already in kept shards, per split
     if any(next_index.values()):
         res.status = "resumed"
@@ -343,7 +376,7 @@ def prepare(cfg: Config) -> Path:
         raise ConfigError(f"prepare.workers: must be positive, got {cfg.prepare.workers}")
     if cfg.prepare.shard_tokens < 1:
         raise ConfigError(f"prepare.shard_tokens: must be positive, got {cfg.prepare.shard_tokens}")
-    pending = [s for s in sources if _read_done(shard_dir(data_dir, s.name) / DONE_FILE) is None]
+    pending = [s for s in sources if _read_settings_file(shard_dir(data_dir, s.name) / DONE_FILE) is None]
     for src in pending:  # fail fast on a bad path before any long work
         list_files(src)
     t_tok = time.perf_counter()

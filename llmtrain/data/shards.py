@@ -122,12 +122,12 @@ class ShardWriter:
             self._file.close()
             offsets = np.asarray(self._offsets, dtype="<i8")
             header = {
-                "checksum": f"crc32:{self._crc:08x}",
+                "checksum": _checksum_str(self._crc),
                 "dtype": self.dtype.name,
                 "num_bytes": self.num_bytes,
                 "num_docs": self.num_docs,
                 "num_tokens": self.num_tokens,
-                "offsets_checksum": f"crc32:{_crc(offsets):08x}",
+                "offsets_checksum": _checksum_str(_crc(offsets)),
                 "tokenizer_hash": self.tokenizer_hash,
                 "vocab_size": self.vocab_size,
             }
@@ -144,12 +144,16 @@ class ShardWriter:
         self._closed = True
 
     def abort(self) -> None:
-        """Drop everything written so far; no complete shard remains under this prefix."""
+        """Drop everything written so far; no file remains under this prefix.
+
+        The `.bin` goes too: without its `.idx` it is either an older shard's tokens or ours renamed
+        just before a failure, and would otherwise lie there unlisted until overwritten.
+        """
         self._closed = True
         self._pending.clear()
         if not self._file.closed:
             self._file.close()
-        for path in (self._idx_tmp, self.idx_path, self._bin_tmp):
+        for path in (self._idx_tmp, self.idx_path, self._bin_tmp, self.bin_path):
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:

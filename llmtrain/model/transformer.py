@@ -425,21 +425,23 @@ class Transformer(nn.Module):
                 f"prompt of {T0} tokens + {max_new_tokens} new exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
         was_training = self.training
-        self.eval()
-        cache = KVCache(self.cfg, B, total, input_ids.device, self.tok_emb.weight.dtype)
-        out = [input_ids]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self.decode_step(input_ids, cache)[:, -1]  # prefill: (B, vocab_size)
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, generator)  # (B,)
-            if eos_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
-            out.append(token[:, None])
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = self.decode_step(token[:, None], cache)[:, -1]
-        self.train(was_training)
+        self.eval()  # restored even when sampling fails, so a caller's training run is not left in eval
+        try:
+            cache = KVCache(self.cfg, B, total, input_ids.device, self.tok_emb.weight.dtype)
+            out = [input_ids]
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            logits = self.decode_step(input_ids, cache)[:, -1]  # prefill: (B, vocab_size)
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_k, generator)  # (B,)
+                if eos_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_id), token)
+                    done |= token == eos_id
+                out.append(token[:, None])
+                if step == max_new_tokens - 1 or bool(done.all()):
+                    break
+                logits = self.decode_step(token[:, None], cache)[:, -1]
+        finally:
+            self.train(was_training)
         return torch.cat(out, dim=1)
 
 

@@ -8,7 +8,6 @@ the host (loss, agreed time / signal decisions), so the device is never stalled 
 
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import sys
@@ -22,6 +21,7 @@ import torch
 from llmtrain.config import Config, ConfigError, batch_layout
 from llmtrain.distributed import engine as dist_engine
 from llmtrain.errors import CheckpointError
+from llmtrain.eval.evaluate import batch_to_device, evaluate
 from llmtrain.train import checkpoint as ckpt
 
 
@@ -119,46 +119,6 @@ def _grad_norm(engine) -> float | None:
 def _local_grad_norm(model: torch.nn.Module) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-def _to_device(batch: dict, device: torch.device, doc_mask: bool):
-    tokens = batch["tokens"].to(device, non_blocking=True)  # (B, T+1)
-    doc_ids = batch["doc_ids"][:, :-1].to(device, non_blocking=True) if doc_mask else None
-    return tokens[:, :-1], tokens[:, 1:], doc_ids
-
-
-@torch.no_grad()
-def validate(engine, val_loader, cfg: Config, device: torch.device) -> dict[str, float]:
-    """Token-weighted loss per source over every rank's batches; perplexity; bits per byte."""
-    import torch.distributed as dist
-
-    engine.eval()
-    metrics: dict[str, float] = {}
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for name in val_loader.source_names:
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
-        for batch in val_loader.batches(name):
-            inputs, targets, doc_ids = _to_device(batch, device, cfg.model.doc_mask)
-            loss = engine(inputs, targets, doc_ids)
-            sums[0] += loss.double() * targets.numel()
-            sums[1] += targets.numel()
-        dist.all_reduce(sums)
-        total += sums
-        loss_sum, tokens = sums.tolist()
-        if tokens == 0:
-            continue
-        loss = loss_sum / tokens
-        metrics[f"val/{name}/loss"] = loss
-        metrics[f"val/{name}/ppl"] = math.exp(min(loss, 700.0))
-        bytes_per_token = val_loader.bytes_per_token(name)
-        if bytes_per_token:
-            metrics[f"val/{name}/bpb"] = loss / math.log(2) / bytes_per_token
-    loss_sum, tokens = total.tolist()
-    engine.train()
-    if tokens:
-        metrics["val_loss"] = loss_sum / tokens
-        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700.0))
-    return metrics
 
 
 def train(cfg: Config, info) -> int:
@@ -272,7 +232,7 @@ def train(cfg: Config, info) -> int:
                 t0 = time.perf_counter()
                 batch = train_loader.next_batch()
                 window.data_wait += time.perf_counter() - t0
-                inputs, targets, doc_ids = _to_device(batch, device, cfg.model.doc_mask)
+                inputs, targets, doc_ids = batch_to_device(batch, device, cfg.model.doc_mask)
                 loss = engine(inputs, targets, doc_ids)
                 engine.backward(loss)
                 if logging_step and micro == accum - 1 and not engine.zero_optimization():
@@ -326,7 +286,7 @@ def train(cfg: Config, info) -> int:
 
             t0 = time.perf_counter()
             if val_loader is not None and (step % cfg.train.val_every == 0 or step == max_steps):
-                metrics.log_val(step, validate(engine, val_loader, cfg, device))
+                metrics.log_val(step, evaluate(engine, val_loader, device, doc_mask=cfg.model.doc_mask))
             if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
                 saved = save(step)
                 last_checkpoint = {"checkpoint_s": saved["ckpt_s"], "checkpoint_gb": saved["ckpt_gb"]}

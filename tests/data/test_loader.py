@@ -239,6 +239,19 @@ def test_global_batch_must_divide_into_ranks(data):
         make_loader(data[0], micro_batch_size=3)
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(seq_len=0), r"train\.seq_len: must be positive, got 0"),
+        (dict(micro_batch_size=0), r"train\.micro_batch_size: must be positive, got 0"),
+        (dict(global_batch_size=0), r"train\.global_batch_size=0 is not a multiple"),
+    ],
+)
+def test_non_positive_sizes_name_their_key(data, kw, message):
+    with pytest.raises(UserError, match=message):
+        make_loader(data[0], **kw)
+
+
 def test_val_loader_walks_each_source_once_in_order(data):
     val = ValLoader(data[0], SOURCES, seq_len=T, micro_batch_size=2, vocab_size=VOCAB, tokenizer_hash=HASH)
     assert val.source_names == ["a", "b"]

@@ -104,6 +104,35 @@ def test_interrupted_run_resumes_after_complete_shards_with_identical_result(tmp
     assert shards[0].with_name(shards[0].name + ".bin").stat().st_mtime_ns == kept  # not rewritten
 
 
+def decoded_documents(data_dir: Path, source: str, split: str) -> list[str]:
+    tok = load_tokenizer(data_dir)
+    texts = []
+    for prefix in list_shards(data_dir, source, split):
+        reader = ShardReader(prefix, tokenizer_hash=tok.hash)
+        offs = reader.doc_offsets
+        texts += [tok.decode(np.asarray(reader.tokens[a : b - 1])) for a, b in zip(offs[:-1], offs[1:])]
+    return texts
+
+
+def test_interrupted_run_with_another_corpus_path_starts_the_source_over(tmp_path):
+    overrides, data_dir = small_corpus(tmp_path)
+    prepare(load_config(overrides))
+    old_shards = len(list_shards(data_dir, "web", "train"))
+    (data_dir / "shards" / "web" / "done.json").unlink()  # as if killed before the source finished
+    # the user then points `web` at another file: more records than the old shards hold (the old
+    # shards would pass every check and silently replace its first documents), then fewer
+    books = tmp_path / "corpus" / "books"
+    for records, seed in ((160, 7), (30, 8)):
+        _, other_web = write_corpus(tmp_path / f"other{seed}", books=1, records=records, seed=seed)
+        other = corpus_overrides(data_dir, books, other_web) + ["prepare.shard_tokens=3000"]
+        prepare(load_config(other))
+        (data_dir / "shards" / "web" / "done.json").unlink()
+        src = load_config(other).data.sources[1]
+        expected = [d.text for d in iter_documents(src) if split_of(d.id, 0.1) == "train"]
+        assert decoded_documents(data_dir, "web", "train") == expected
+    assert len(list_shards(data_dir, "web", "train")) < old_shards  # the old ones past the new end are gone
+
+
 def test_new_tokenizer_under_old_shards_is_refused(tmp_path):
     overrides, data_dir = small_corpus(tmp_path)
     prepare(load_config(overrides))

@@ -197,6 +197,24 @@ def test_rewriting_a_shard_unpublishes_the_old_one_first(tmp_path):
     assert ShardReader(prefix).num_tokens == 20
 
 
+def test_aborted_rewrite_leaves_no_file_of_the_old_shard(tmp_path):
+    prefix = write_shard(shard_prefix(tmp_path, "web", "train", 0), [np.arange(10)])
+    with pytest.raises(RuntimeError, match="boom"), ShardWriter(prefix, 1000, HASH) as w:
+        w.add_document(np.arange(20))
+        raise RuntimeError("boom")
+    assert list(prefix.parent.iterdir()) == []
+
+
+def test_failure_while_publishing_leaves_no_file(tmp_path, monkeypatch):
+    prefix = shard_prefix(tmp_path, "web", "train", 0)
+    w = ShardWriter(prefix, 1000, HASH)
+    w.add_document(np.arange(20))
+    monkeypatch.setattr(shards, "_encode_header", lambda header: 1 / 0)  # fails after the .bin rename
+    with pytest.raises(ZeroDivisionError):
+        w.close()
+    assert list(prefix.parent.iterdir()) == []
+
+
 def test_list_shards_sorts_and_filters_split(tmp_path):
     for split, i in [("train", 2), ("val", 0), ("train", 0), ("train", 1)]:
         write_shard(shard_prefix(tmp_path, "web", split, i), [np.arange(5)])

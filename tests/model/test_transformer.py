@@ -133,6 +133,14 @@ def test_generate_samples_only_real_vocab_and_pads_after_eos():
     assert out[0, 3] == eos and (out[0, 3:] == eos).all()
 
 
+def test_generate_restores_training_mode_even_when_sampling_fails():
+    model = model_for("llama")
+    model.train()
+    with pytest.raises(RuntimeError):
+        model.generate(torch.zeros(1, 3), 4)  # float ids: the embedding lookup fails
+    assert model.training
+
+
 def test_generate_beyond_max_seq_len_is_refused():
     model = model_for("gpt2")
     with pytest.raises(ValueError, match="max_seq_len=64"):
