@@ -41,16 +41,8 @@ def load_docs(chars: int) -> list[str]:
 
 
 def chunks_of(docs: list[str]) -> list[list[str]]:
-    out, cur, size = [], [], 0
-    for text in docs:
-        cur.append(text)
-        size += len(text)
-        if len(cur) >= prep._CHUNK_DOCS or size >= prep._CHUNK_CHARS:
-            out.append(cur)
-            cur, size = [], 0
-    if cur:
-        out.append(cur)
-    return out
+    """The documents cut into the chunks prepare hands its workers."""
+    return [texts for texts, _ in prep.chunked((text, "train") for text in docs)]
 
 
 RAW = "raw sentencepiece (1 core)"

@@ -172,6 +172,9 @@ def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path
     """The real launcher end to end: 2 gloo ranks, then an extended run resumes and appends."""
     common = [
         *prepared_data.overrides,
+        "model=tiny",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
         "run.name=launch",
         "logging.every_steps=2",
         "train.val_every=4",

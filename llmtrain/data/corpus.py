@@ -47,6 +47,12 @@ class ReadStats:
         if len(self.examples) < 5:
             self.examples.append(where)
 
+    def bad(self, where: str, problem: str, skip: bool) -> None:
+        """Count a bad record when skipping them, else stop with one line naming it."""
+        if not skip:
+            raise DataError(f"{where}: {problem}; data.on_bad_record=skip skips such records") from None
+        self.skip(where)
+
 
 def split_of(doc_id: str, val_fraction: float) -> str:
     """'val' for a stable pseudo-random `val_fraction` of ids, else 'train' (independent of order)."""
@@ -157,12 +163,7 @@ def _read_txt(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        where = f"{path}:{_line_of(data, err.start)}"
-        if not skip:
-            raise DataError(
-                f"{where}: not valid UTF-8 (byte {err.start}); data.on_bad_record=skip skips such files"
-            ) from None
-        stats.skip(where)
+        stats.bad(f"{path}:{_line_of(data, err.start)}", f"not valid UTF-8 (byte {err.start})", skip)
         return
     parts = [text] if not separator else text.split(separator)
     for i, part in enumerate(parts):
@@ -191,18 +192,13 @@ def _read_jsonl(path: Path, rel: str, text_field: str, skip: bool, stats: ReadSt
                     continue
                 text, problem = _parse_record(raw, text_field)
                 if problem is not None:
-                    where = f"{path}:{lineno}"
-                    if not skip:
-                        raise DataError(f"{where}: {problem}; data.on_bad_record=skip skips such records")
-                    stats.skip(where)
+                    stats.bad(f"{path}:{lineno}", problem, skip)
                 elif text.strip():
                     yield Document(f"{rel}:{lineno}", text)
     except (OSError, EOFError, zlib.error) as err:
         # a truncated or corrupt .gz: the rest of the file is unreadable
-        where = f"{path}:{lineno + 1}"
-        if not skip:
-            raise DataError(f"{where}: corrupt or truncated file ({type(err).__name__}: {err})") from None
-        stats.skip(where)
+        problem = f"corrupt or truncated file ({type(err).__name__}: {err})"
+        stats.bad(f"{path}:{lineno + 1}", problem, skip)
 
 
 def _parse_record(raw: bytes, text_field: str) -> tuple[str, str | None]:
@@ -242,10 +238,9 @@ def _read_parquet(path: Path, rel: str, text_field: str, skip: bool, stats: Read
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
-                where = f"{path}:row {row}"
-                if not skip:
-                    raise DataError(f"{where}: column {text_field!r} is {type(text).__name__}, not a string")
-                stats.skip(where)
+                stats.bad(
+                    f"{path}:row {row}", f"column {text_field!r} is {type(text).__name__}, not a string", skip
+                )
             elif text.strip():
                 yield Document(f"{rel}#{row}", text)
             row += 1

@@ -11,12 +11,14 @@ interrupted run had the same settings (else its shards are dropped and the sourc
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import multiprocessing as mp
 import os
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,23 @@ def _start_or_resume(
     return dict.fromkeys(SPLITS, 0)
 
 
+def chunked(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[list[str], list[str]]]:
+    """(texts, splits) in the chunks handed to one worker task: _CHUNK_DOCS documents or
+    _CHUNK_CHARS characters, whichever comes first (big enough to amortize the task overhead)."""
+    texts: list[str] = []
+    splits: list[str] = []
+    chars = 0
+    for text, split in documents:
+        texts.append(text)
+        splits.append(split)
+        chars += len(text)
+        if len(texts) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+            yield texts, splits
+            texts, splits, chars = [], [], 0
+    if texts:
+        yield texts, splits
+
+
 def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Encoder) -> SourceResult:
     data_dir = cfg.data_dir
     folder = shard_dir(data_dir, src.name)
@@ -241,26 +260,21 @@ def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Enc
             f"{new_tokens / elapsed / 1e6:.2f}M tok/s, {new_tokens / 1e6:.1f}M tok", refresh=False
         )
 
-    ok = False
-    try:
-        chunk: list[str] = []
-        chunk_splits: list[str] = []
-        chars = 0
+    def new_documents() -> Iterator[tuple[str, str]]:
+        """(text, split) of every document not already in a kept shard."""
         for doc in iter_documents(src, on_bad_record=cfg.data.on_bad_record, stats=stats):
             split = split_of(doc.id, cfg.data.val_fraction)
             if to_skip[split] > 0:
                 to_skip[split] -= 1
-                continue
-            chunk.append(doc.text)
-            chunk_splits.append(split)
-            chars += len(doc.text)
-            if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-                encoder.submit(chunk, chunk_splits)
-                chunk, chunk_splits, chars = [], [], 0
-                while encoder.full():
-                    write(*encoder.pop())
-        if chunk:
-            encoder.submit(chunk, chunk_splits)
+            else:
+                yield doc.text, split
+
+    ok = False
+    try:
+        for texts, splits in chunked(new_documents()):
+            encoder.submit(texts, splits)
+            while encoder.full():
+                write(*encoder.pop())
         while encoder.pending:
             write(*encoder.pop())
         for split, writer in writers.items():
@@ -356,8 +370,6 @@ def _announce_training(cfg: Config) -> list[str]:
 
 
 def _sample_hash(source: str, doc_id: str) -> int:
-    import hashlib
-
     digest = hashlib.blake2b(f"{source}\0{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 

@@ -21,6 +21,7 @@ N = 3  # the checkpoint step; runs go to 2N
 # Tiny and fast: fp32 (bit-exact on CPU), a constant lr high enough that 6 steps visibly lower the loss.
 BASE = [
     "debug=cpu",
+    "model=tiny",
     "train.seq_len=32",
     "train.micro_batch_size=4",
     "train.global_batch_size=8",

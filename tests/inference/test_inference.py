@@ -14,6 +14,7 @@ from llmtrain.train.metrics import read_metrics
 
 TRAIN = [
     "debug=cpu",
+    "model=tiny",
     "train.seq_len=32",
     "train.micro_batch_size=4",
     "train.max_steps=6",

@@ -18,6 +18,7 @@ from llmtrain.train.metrics import read_metrics
 STEPS = 4
 TRAIN = [
     "debug=cpu",
+    "model=tiny",
     "deepspeed=zero1",
     "train.seq_len=32",
     "train.micro_batch_size=4",
