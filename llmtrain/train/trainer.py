@@ -290,20 +290,16 @@ def train(cfg: Config, info) -> int:
             if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
                 saved = save(step)
                 last_checkpoint = {"checkpoint_s": saved["ckpt_s"], "checkpoint_gb": saved["ckpt_gb"]}
-                if rank == 0:
-                    print(
-                        f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
-                        f"in {saved['ckpt_s']:.2f} s)",
-                        file=sys.stderr,
-                    )
+                metrics.write(
+                    f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
+                    f"in {saved['ckpt_s']:.2f} s)"
+                )
                 saved_step, last_save = step, time.monotonic()
             window.excluded += time.perf_counter() - t0
             if stop_now:
-                if rank == 0:
-                    print(
-                        f"llmtrain train: {stop.received or 'signal'}: saved step {saved_step}, exiting",
-                        file=sys.stderr,
-                    )
+                if rank == 0:  # stderr, so a scheduler's error log shows why the run ended
+                    reason = stop.received or "signal"
+                    print(f"llmtrain train: {reason}: saved step {saved_step}, exiting", file=sys.stderr)
                 return 0
     finally:
         stop.restore()
