@@ -155,7 +155,8 @@ def rng_state() -> dict[str, torch.Tensor]:
     }
     assert py_gauss is None and name == "MT19937"
     if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        # This rank's device only: a resume may see another number of GPUs per node.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -168,11 +169,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _rng_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"rng_rank{rank:05d}.pt"
+
+
+def rng_files(checkpoint: Path) -> list[Path]:
+    return sorted(checkpoint.glob("rng_rank*.pt"))
 
 
 # ---------------------------------------------------------------- atomic small files
@@ -238,14 +243,21 @@ def save(
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop incomplete ones older than the newest."""
-    entries = list_checkpoints(run_dir)
-    complete = [step for step, path in entries if is_complete(path)]
-    if not complete:
+    """Keep the `keep_last` newest complete checkpoints up to the current one (the one `latest`
+    names); drop incomplete ones older than it.
+
+    Checkpoints past the current one are left alone: they exist when a run resumed from an older
+    checkpoint, and counting them would delete the checkpoint just saved.
+    """
+    current = latest_complete(run_dir)
+    if current is None:
         return
-    keep = set(complete[-keep_last:])
+    newest = int(_STEP_RE.match(current.name).group(1))
+    entries = [(step, path) for step, path in list_checkpoints(run_dir) if step <= newest]
+    keep = {step for step, path in entries if is_complete(path)}
+    keep = set(sorted(keep)[-keep_last:])
     for step, path in entries:
-        if step in keep or step > complete[-1]:
+        if step in keep:
             continue
         shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         # The marker goes first: a crash mid-delete leaves an incomplete folder, never a broken "complete" one.

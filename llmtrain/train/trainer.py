@@ -27,11 +27,12 @@ from llmtrain.train import checkpoint as ckpt
 
 def main(cfg: Config) -> int:
     info = dist_engine.init_distributed()
-    try:
-        return train(cfg, info)
-    finally:
-        if info.launched:
-            dist_engine.shutdown()
+    result = train(cfg, info)
+    # Not in a `finally`: a rank that raised must exit now, so the launcher sees it and stops the
+    # job, instead of waiting in shutdown's barrier for ranks blocked in a collective it never joins.
+    if info.launched:
+        dist_engine.shutdown()
+    return result
 
 
 @dataclass

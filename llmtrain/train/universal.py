@@ -74,8 +74,9 @@ def convert(checkpoint: Path) -> Path:
     finally:
         # ds_to_universal points a `latest_universal` file at its output; we track completeness ourselves.
         (checkpoint.parent / "latest_universal").unlink(missing_ok=True)
-    for name in (ckpt.STATE_FILE, ckpt.CONFIG_FILE):
-        shutil.copy2(checkpoint / name, tmp / name)
+    # The RNG files too: a resume through this folder on the same world size restores them.
+    for src in (checkpoint / ckpt.STATE_FILE, checkpoint / ckpt.CONFIG_FILE, *ckpt.rng_files(checkpoint)):
+        shutil.copy2(src, tmp / src.name)
     ckpt.write_atomic(tmp / ckpt.COMPLETE, (checkpoint / ckpt.COMPLETE).read_text())
     tmp.rename(out)
     return out

@@ -141,6 +141,44 @@ def test_two_nodes_train_together_and_checkpoint(runs):
     assert_complete_checkpoints(run_dir, world_size=2)
 
 
+def test_a_failing_rank_exits_without_waiting_for_the_others(runs, tmp_path):
+    """Rank 1 fails before the engine exists (no data): it must exit at once, not wait in a barrier
+    for rank 0 (which is blocked in DeepSpeed's setup), so a launcher sees the failure and stops the job."""
+    port = str(free_port())
+    ov = runs.overrides(tmp_path / "run", "deepspeed.zero_stage=1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmtrain.train",
+                *ov,
+                *([f"data.dir={tmp_path / 'nodata'}"] if rank else []),
+            ],
+            cwd=tmp_path,
+            env=job_env(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        _, err = procs[1].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode == 2, err[-3000:]
+    assert "llmtrain train: error:" in err and "nodata" in err
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
     run_dir = runs.root / "sigterm"
     ov = runs.overrides(run_dir, "train.max_steps=100000", "checkpoint.every_steps=0", "train.val_every=0")

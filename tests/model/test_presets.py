@@ -23,6 +23,7 @@ PUBLISHED = {
 # Presets of our own: (vocabulary, the rough size their comment promises).
 APPROX = {
     "tiny": (8192, 0.5e6, 2e6),
+    "mini": (8192, 1.9e6, 2.3e6),
     "llama_125m": (32000, 100e6, 130e6),
     "llama_350m": (32000, 320e6, 370e6),
 }

@@ -72,6 +72,17 @@ def test_prune_keeps_the_newest_complete_and_newer_partial(tmp_path):
     assert not universal.exists()
 
 
+def test_prune_after_resuming_an_older_checkpoint_keeps_the_one_just_saved(tmp_path):
+    """resume=step_2 of a run that reached step_6, then a save at step 4: `latest` says step_4."""
+    for step in (2, 4, 6):
+        fake(tmp_path, step)
+    ckpt.write_atomic(ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST, "step_4")
+    ckpt.prune(tmp_path, keep_last=1)
+    assert ckpt.latest_complete(tmp_path) == ckpt.step_dir(tmp_path, 4)
+    # step_6 belongs to the abandoned continuation: left alone, and overwritten when the run gets there
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]
+
+
 def test_write_atomic_replaces_without_leftovers(tmp_path):
     target = tmp_path / "latest"
     ckpt.write_atomic(target, "step_1")

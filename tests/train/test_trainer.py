@@ -170,6 +170,8 @@ def test_consolidated_weights_and_universal_conversion(reference, overrides):
     assert universal.main(load_config(ov)) == 0  # `llmtrain checkpoint`: the newest complete one
     out = ckpt.step_dir(run_dir, 4).with_name("step_4" + ckpt.UNIVERSAL_SUFFIX)
     assert ckpt.is_complete(out) and (out / ckpt.STATE_FILE).is_file() and (out / "zero").is_dir()
+    # a resume through it on the same world size restores each rank's RNG (dropout) from here
+    assert [p.name for p in out.glob("rng_rank*.pt")] == ["rng_rank00000.pt"]
     assert not (run_dir / "checkpoints" / "latest_universal").exists()
 
 
