@@ -69,7 +69,7 @@ def bare_tokens_per_s(cfg_overrides: list[str], warmup: int) -> float:
     from llmtrain.config import load_config
     from llmtrain.data.loader import build_train_loader, read_tokenizer_sidecar
     from llmtrain.model import build_model
-    from llmtrain.train.optim import param_groups
+    from llmtrain.train.optim import build_optimizer
     from llmtrain.train.schedule import lr_at
 
     cfg = load_config(cfg_overrides)
@@ -77,8 +77,7 @@ def bare_tokens_per_s(cfg_overrides: list[str], warmup: int) -> float:
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model)
     o = cfg.optim
-    # fused AdamW, as the trainer's engine uses: the fastest torch AdamW on CPU and GPU
-    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    opt = build_optimizer(model, o, o.lr)  # the AdamW (groups, fused kernel) the trainer's engine steps
     loader = build_train_loader(cfg, 0, 1)
     running = torch.zeros(())
     steps = cfg.train.max_steps

@@ -31,6 +31,7 @@
 #   DEEPSPEED_ARGS   extra arguments for the deepspeed launcher, word-split
 #                    (e.g. "--launcher openmpi" or "--enable_each_rank_log logs")
 #   DRY_RUN=1        validate the config and print the deepspeed command instead of running it
+#   LLMTRAIN_DEBUG=1 keep DeepSpeed's INFO logging (launcher and ranks) and show tracebacks
 #
 # The composed config (and the batch layout for the whole world) is checked once before any rank
 # starts, so a misspelled key or an inconsistent batch size fails here, in a second, naming the key.
@@ -157,6 +158,9 @@ print(f"pretrain.sh: run {cfg.run_dir}: global batch {glob} = micro {cfg.train.m
       f"x accumulation {accum} x world {sys.argv[1]}", file=sys.stderr)
 PY
 
+# The launcher's INFO lines (its command, world info, every rank's argv) would bury the progress
+# output; its warnings and errors stay. LLMTRAIN_DEBUG=1 (or --log_level in DEEPSPEED_ARGS) shows all.
+[[ -n "${LLMTRAIN_DEBUG:-}" ]] || ds_args+=(--log_level=warning)
 # shellcheck disable=SC2206  # DEEPSPEED_ARGS is word-split on purpose
 cmd=(deepspeed "${ds_args[@]}" ${DEEPSPEED_ARGS:-} --no_local_rank --module llmtrain.train "${overrides[@]}")
 echo "pretrain.sh: $mode, $ranks_per_node $device rank(s) per node, world $world" \

@@ -195,6 +195,12 @@ def validate(cfg: Config) -> None:
         f"{cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
     )
     _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    _check(
+        cfg.optim.name.lower() == "adamw", "optim.name", f"only adamw is supported, got {cfg.optim.name!r}"
+    )
+    for key in ("min_lr_ratio", "decay_fraction"):
+        value = getattr(cfg.schedule, key)
+        _check(0.0 <= value <= 1.0, f"schedule.{key}", f"must be in [0, 1], got {value}")
     _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must not be negative (0 disables)")

@@ -8,7 +8,11 @@ import shutil
 from pathlib import Path
 
 from llmtrain.config import Config
+from llmtrain.errors import UserError
 from llmtrain.inference import load_checkpoint_model, load_matching_tokenizer
+
+MARKER = "llmtrain.json"
+"""Written into every export; only a folder holding it may be replaced by a new export."""
 
 
 def export_hf(cfg: Config, out: str | Path | None = None, checkpoint: str | None = None) -> Path:
@@ -16,9 +20,12 @@ def export_hf(cfg: Config, out: str | Path | None = None, checkpoint: str | None
 
     from llmtrain.model.hf import to_hf
 
+    out = Path(out or cfg.run_dir / "hf")
+    if out.exists() and not (out / MARKER).is_file():
+        # It is replaced whole below: never delete a folder we did not write.
+        raise UserError(f"export.out={out}: exists and is not an llmtrain export; choose a new folder")
     loaded = load_checkpoint_model(cfg, checkpoint, device=None)
     tokenizer = load_matching_tokenizer(loaded)
-    out = Path(out or cfg.run_dir / "hf")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -37,7 +44,7 @@ def export_hf(cfg: Config, out: str | Path | None = None, checkpoint: str | None
     )
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     _write_tokenizer(tokenizer, tmp)
-    (tmp / "llmtrain.json").write_text(
+    (tmp / MARKER).write_text(
         json.dumps(
             {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "tokenizer_hash": tokenizer.hash},
             indent=2,

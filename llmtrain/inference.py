@@ -6,8 +6,6 @@ The model's shape comes from the config saved in the checkpoint, not from the co
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +41,7 @@ def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device |
     saved.model.compile = False
     saved.model.activation_checkpointing = False
     model = build_model(saved.model)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; keep stdout for results
-        weights = load_model_state(path)
+    weights = load_model_state(path)  # keeps DeepSpeed's narration off stdout, where results go
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from llmtrain.cli import main, split_args
+from llmtrain.config import ConfigError, load_config
 
 
 def test_split_args_drops_the_launchers_local_rank_and_reads_config_dir():
@@ -40,6 +41,16 @@ def test_bad_input_is_one_line_naming_the_key(argv, expected, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert expected in err
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optim.name=lion", "optim.name"), ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio")],
+)
+def test_values_the_ranks_would_reject_fail_when_composing(override, key):
+    """Checked by load_config, so launch/pretrain.sh refuses them before any rank starts."""
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config([override])
 
 
 def test_help_is_fast_and_does_not_import_torch():

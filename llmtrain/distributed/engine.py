@@ -6,7 +6,9 @@ reads as a plain loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import random
@@ -69,23 +71,27 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
-    if not os.environ.get("LLMTRAIN_DEBUG"):
+    quiet = not os.environ.get("LLMTRAIN_DEBUG")
+    if quiet:
         # DeepSpeed's INFO lines (configs, timers) and torch's deprecation notices about the
         # collectives DeepSpeed calls drown the progress output; LLMTRAIN_DEBUG=1 shows them.
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    backend = "nccl" if has_gpu() else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if has_gpu():
+        # Before the process group: NCCL binds each rank to the current device.
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if has_gpu() else "gloo"
+    if not dist.is_initialized():
+        # On CPU ranks DeepSpeed prints "... shm_comm_op built successfully" on stdout from every rank.
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(
         rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend, launched=launched
     )
@@ -216,19 +222,22 @@ def build_optimizer(
     ZeRO-Offload refuses a client torch optimizer (`zero_force_ds_cpu_optimizer`), since stepping
     it on the host is several times slower than the vectorised CPU Adam.
     """
-    o = cfg.optim
-    if o.name.lower() != "adamw":
-        raise ConfigError(f"optim.name: only adamw is supported, got {o.name!r}")
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if offloads_optimizer(ds_config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from llmtrain.train.optim import adamw, check_optimizer_name
 
-        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
-    # The fused kernel (CPU and CUDA) is the fastest AdamW; measured ~1.4x foreach's step on CPU.
-    fused = all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"]
+    o = cfg.optim
+    if not offloads_optimizer(ds_config):
+        return adamw(param_groups, o, o.lr)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    check_optimizer_name(o)
+    return DeepSpeedCPUAdam(
+        param_groups,
+        adamw_mode=True,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
     )
-    return torch.optim.AdamW(param_groups, **({"fused": True} if fused else {"foreach": True}), **kwargs)
 
 
 def build_engine(

@@ -250,12 +250,11 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
     checkpoint, and counting them would delete the checkpoint just saved.
     """
     current = latest_complete(run_dir)
-    if current is None:
+    match = _STEP_RE.match(current.name) if current is not None else None
+    if match is None:
         return
-    newest = int(_STEP_RE.match(current.name).group(1))
-    entries = [(step, path) for step, path in list_checkpoints(run_dir) if step <= newest]
-    keep = {step for step, path in entries if is_complete(path)}
-    keep = set(sorted(keep)[-keep_last:])
+    entries = [(step, path) for step, path in list_checkpoints(run_dir) if step <= int(match.group(1))]
+    keep = set([step for step, path in entries if is_complete(path)][-keep_last:])
     for step, path in entries:
         if step in keep:
             continue

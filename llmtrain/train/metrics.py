@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class MetricsLogger:
             mode=w.mode,
             id=self._wandb_run_id,
             resume="allow" if self._wandb_run_id else None,
-            config=_config_dict(self.cfg),
+            config=asdict(self.cfg),
         )
 
     def _start_tensorboard(self):
@@ -283,14 +283,6 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _config_dict(cfg) -> dict[str, Any]:
-    if is_dataclass(cfg):
-        return asdict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def plot_loss_curve(jsonl_path: str | Path, out_path: str | Path, *, title: str = "") -> Path | None:

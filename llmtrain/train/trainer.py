@@ -110,19 +110,26 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def _grad_norm(engine) -> float | None:
+def _engine_grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
+def _engine_records_grad_norm(engine) -> bool:
+    """DeepSpeed records the unscaled global norm under ZeRO and in its fp16 / bf16 optimizer
+    wrappers; fp32 ZeRO-0 steps our torch AdamW directly and records none."""
+    return engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+
+
 def _local_grad_norm(model: torch.nn.Module) -> float:
+    """Norm of the gradients held in the module: whole and averaged over ranks under fp32 ZeRO-0."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def train(cfg: Config, info) -> int:
+def train(cfg: Config, info: dist_engine.DistInfo) -> int:
     import torch.distributed as dist
 
     from llmtrain.data.loader import build_train_loader, build_val_loader, read_tokenizer_sidecar
@@ -134,12 +141,6 @@ def train(cfg: Config, info) -> int:
 
     rank, world, device = info.rank, info.world_size, info.device
     run_dir = cfg.run_dir
-    if cfg.logging.every_steps < 1:
-        raise ConfigError(f"logging.every_steps: must be at least 1, got {cfg.logging.every_steps}")
-    if cfg.checkpoint.every_steps < 0:
-        raise ConfigError(
-            f"checkpoint.every_steps: must be 0 (off) or positive, got {cfg.checkpoint.every_steps}"
-        )
 
     # -- what we resume from (decides the global batch and whether the engine loads universal)
     vocab_size, tokenizer_hash = read_tokenizer_sidecar(cfg.data_dir)
@@ -160,6 +161,16 @@ def train(cfg: Config, info) -> int:
 
         resume_from = ensure_universal(resume_from)
 
+    train_loader = build_train_loader(cfg, rank, world)
+    val_loader = build_val_loader(cfg, rank, world) if cfg.train.val_every > 0 else None
+    if val_loader is not None and not any(map(val_loader.num_batches, val_loader.source_names)):
+        # Same answer on every rank; found now, not as a crash at the first validation.
+        raise ConfigError(
+            f"train.val_every={cfg.train.val_every}: the validation split of {cfg.data_dir} has no full "
+            f"batch of {cfg.train.micro_batch_size} x {world} rank(s) windows of {cfg.train.seq_len} "
+            "tokens; set train.val_every=0, or prepare with a larger data.val_fraction"
+        )
+
     # -- model and engine: the same initial weights on every rank, then per-rank randomness
     dist_engine.seed_everything(cfg.run.seed)
     model = build_model(cfg.model)
@@ -167,8 +178,6 @@ def train(cfg: Config, info) -> int:
     weight_decays = [g["weight_decay"] for g in groups]
     engine, _ = dist_engine.build_engine(model, groups, cfg, world, load_universal=universal)
     dist_engine.seed_everything(dist_engine.rank_seed(cfg.run.seed, rank))
-    train_loader = build_train_loader(cfg, rank, world)
-    val_loader = build_val_loader(cfg, rank, world) if cfg.train.val_every > 0 else None
 
     start_step = 0
     if resume_from is not None:
@@ -222,6 +231,7 @@ def train(cfg: Config, info) -> int:
     saved_step = start_step
     step = start_step
     own_grad_norm = None
+    measure_grad_norm = not _engine_records_grad_norm(engine)
     last_checkpoint: dict[str, float] = {}  # reported with the next training record
     try:
         while step < max_steps:
@@ -236,8 +246,7 @@ def train(cfg: Config, info) -> int:
                 inputs, targets, doc_ids = batch_to_device(batch, device, cfg.model.doc_mask)
                 loss = engine(inputs, targets, doc_ids)
                 engine.backward(loss)
-                if logging_step and micro == accum - 1 and not engine.zero_optimization():
-                    # ZeRO-0 does not record the norm; its gradients are whole and averaged here.
+                if measure_grad_norm and logging_step and micro == accum - 1:
                     own_grad_norm = _local_grad_norm(model)
                 engine.step()
                 window.loss_sum += loss.detach().float()
@@ -267,7 +276,7 @@ def train(cfg: Config, info) -> int:
                 record = {
                     "loss": loss_sum / micro_batches,
                     "lr": lr,
-                    "grad_norm": _grad_norm(engine) if engine.zero_optimization() else own_grad_norm,
+                    "grad_norm": own_grad_norm if measure_grad_norm else _engine_grad_norm(engine),
                     "tokens_per_s": tokens_per_s,
                     "tokens_per_s_per_device": tokens_per_s / world,
                     "step_time_s": elapsed / window.steps,

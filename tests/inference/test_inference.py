@@ -96,3 +96,14 @@ def test_generate_without_checkpoint_is_one_clear_line(prepared_data, tmp_path, 
     assert rc == 2
     assert len(err.splitlines()) == 1
     assert "no complete checkpoint" in err and str(tmp_path / "empty") in err
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_export(trained, tmp_path, capsys):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    assert cli_run("export", [*trained, f"export.out={precious}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"export.out={precious}" in err
+    assert (precious / "todo.txt").read_text() == "keep me"
+    assert not precious.with_name("notes.tmp").exists()

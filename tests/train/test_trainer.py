@@ -191,6 +191,14 @@ def test_time_based_checkpoints_keep_the_last_k(overrides):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_3"
 
 
+def test_validation_without_a_full_batch_is_refused_before_training(overrides):
+    """64 windows of 128 tokens exceed each source's val split: nothing to validate on."""
+    ov = overrides("noval", "train.seq_len=128", "train.micro_batch_size=64", "train.global_batch_size=64")
+    with pytest.raises(ConfigError, match=r"train.val_every=2: the validation split of .* has no full batch"):
+        train(ov)
+    assert not (load_config(ov).run_dir / "metrics.jsonl").exists()
+
+
 def test_a_precision_the_device_lacks_is_a_config_error(overrides):
     from deepspeed.accelerator import get_accelerator
 
