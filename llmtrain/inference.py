@@ -21,7 +21,12 @@ class Loaded:
     config: Config
     """The config the checkpoint was trained with."""
     checkpoint: Path
-    step: int
+    state: dict
+    """The checkpoint's llmtrain_state.json (step, tokenizer hash, ...)."""
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
 
 
 def default_device() -> torch.device:
@@ -48,16 +53,15 @@ def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device |
             f"{path}: weights do not fit the saved model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.to(device or default_device()).eval()
-    return Loaded(model=model, config=saved, checkpoint=path, step=int(state.get("step", 0)))
+    return Loaded(model=model, config=saved, checkpoint=path, state=state)
 
 
 def load_matching_tokenizer(loaded: Loaded):
     """The tokenizer of the checkpoint's data folder, refused if it is not the one trained with."""
     from llmtrain.data.tokenizer import load_tokenizer
-    from llmtrain.train.checkpoint import read_state
 
     tokenizer = load_tokenizer(loaded.config.data_dir)
-    expected = read_state(loaded.checkpoint).get("tokenizer_hash")
+    expected = loaded.state.get("tokenizer_hash")
     if expected and tokenizer.hash != expected:
         raise CheckpointError(
             f"{loaded.config.data_dir}/tokenizer.model (hash {tokenizer.hash[:12]}) is not the tokenizer "
