@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: train test install lint clean
+.PHONY: train test test-slow install lint clean
 
 $(BIN)/llmtrain: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-slow: install
+	$(BIN)/python -m pytest -q tests -m slow
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -67,17 +67,20 @@ def llmtrain_tokens_per_s(cfg_overrides: list[str]) -> float:
 def bare_tokens_per_s(cfg_overrides: list[str], warmup: int) -> float:
     """forward / backward / clip / AdamW step by hand, on the same batches; timed after `warmup` steps."""
     from llmtrain.config import load_config
-    from llmtrain.data.loader import build_train_loader, read_tokenizer_sidecar
+    from llmtrain.data.loader import build_train_loader
+    from llmtrain.data.tokenizer import tokenizer_identity
     from llmtrain.model import build_model
-    from llmtrain.train.optim import build_optimizer
+    from llmtrain.train.optim import adamw, param_groups
     from llmtrain.train.schedule import lr_at
 
     cfg = load_config(cfg_overrides)
-    cfg.model.vocab_size, _ = read_tokenizer_sidecar(cfg.data_dir)
+    cfg.model.vocab_size = tokenizer_identity(cfg.data_dir).vocab_size
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model)
     o = cfg.optim
-    opt = build_optimizer(model, o, o.lr)  # the AdamW (groups, fused kernel) the trainer's engine steps
+    opt = adamw(
+        param_groups(model, o), o, o.lr
+    )  # the AdamW (groups, fused kernel) the trainer's engine steps
     loader = build_train_loader(cfg, 0, 1)
     running = torch.zeros(())
     steps = cfg.train.max_steps

@@ -30,11 +30,21 @@
 #   OMP_NUM_THREADS  without GPUs, defaults to (CPU cores / ranks per node), at least 1
 #   DEEPSPEED_ARGS   extra arguments for the deepspeed launcher, word-split
 #                    (e.g. "--launcher openmpi" or "--enable_each_rank_log logs")
+#   MAX_RESTARTS     restart a failed run up to this many times (default 0: no restarts, and the
+#                    launcher replaces this script, so signals reach it directly). A restart comes
+#                    after a non-zero exit, except exit code 2 (a configuration or input error, which a
+#                    restart cannot fix) and except when this script got SIGINT/SIGTERM: it passes
+#                    those on to the launcher and all ranks, and stops. Restarts add resume=auto, so
+#                    they continue from the newest verified checkpoint even when the first attempt
+#                    was given resume=<path> or resume=none.
+#   RESTART_DELAY_S  seconds to wait before a restart (default 5)
 #   DRY_RUN=1        validate the config and print the deepspeed command instead of running it
 #   LLMTRAIN_DEBUG=1 keep DeepSpeed's INFO logging (launcher and ranks) and show tracebacks
 #
 # The composed config (and the batch layout for the whole world) is checked once before any rank
 # starts, so a misspelled key or an inconsistent batch size fails here, in a second, naming the key.
+# Before each attempt, build locks left in torch's extension cache by a killed build of a DeepSpeed
+# op are removed (with a warning), since every rank would otherwise wait for them forever.
 set -euo pipefail
 
 die() {
@@ -59,6 +69,10 @@ MASTER_PORT=${MASTER_PORT:-29500}
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: must be a positive integer"
 fi
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+RESTART_DELAY_S=${RESTART_DELAY_S:-5}
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS: must be a non-negative integer"
+[[ "$RESTART_DELAY_S" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "RESTART_DELAY_S=$RESTART_DELAY_S: must be a number of seconds"
 
 # --- accelerator and ranks per node ------------------------------------------------------------
 if [[ "${DS_ACCELERATOR:-}" == "cpu" ]]; then
@@ -140,35 +154,84 @@ fi
 world=$slots
 
 # --- validate once, before any rank starts -----------------------------------------------------
-"$PYTHON" - "$world" "${overrides[@]}" <<'PY'
-import sys
-
-from llmtrain.cli import split_args
-from llmtrain.config import batch_layout, load_config
-from llmtrain.errors import UserError
-
-try:
-    config_dir, overrides, _ = split_args(sys.argv[2:])
-    cfg = load_config(overrides, config_dir=config_dir)
-    glob, accum = batch_layout(cfg, int(sys.argv[1]))
-except (UserError, ValueError) as err:  # Hydra raises ValueError for some malformed overrides
-    print(f"pretrain.sh: error: {err}", file=sys.stderr)
-    sys.exit(2)
-print(f"pretrain.sh: run {cfg.run_dir}: global batch {glob} = micro {cfg.train.micro_batch_size} "
-      f"x accumulation {accum} x world {sys.argv[1]}", file=sys.stderr)
-PY
+"$PYTHON" -m llmtrain.preflight "$world" "${overrides[@]}" # exits 2 on a bad config
 
 # The launcher's INFO lines (its command, world info, every rank's argv) would bury the progress
 # output; its warnings and errors stay. LLMTRAIN_DEBUG=1 (or --log_level in DEEPSPEED_ARGS) shows all.
 [[ -n "${LLMTRAIN_DEBUG:-}" ]] || ds_args+=(--log_level=warning)
 # shellcheck disable=SC2206  # DEEPSPEED_ARGS is word-split on purpose
 cmd=(deepspeed "${ds_args[@]}" ${DEEPSPEED_ARGS:-} --no_local_rank --module llmtrain.train "${overrides[@]}")
+restarts=""
+if ((MAX_RESTARTS > 0)); then restarts=", up to $MAX_RESTARTS restart(s)"; fi
 echo "pretrain.sh: $mode, $ranks_per_node $device rank(s) per node, world $world" \
-    "(DS_ACCELERATOR=${DS_ACCELERATOR:-auto}${OMP_NUM_THREADS:+, OMP_NUM_THREADS=$OMP_NUM_THREADS})" >&2
+    "(DS_ACCELERATOR=${DS_ACCELERATOR:-auto}${OMP_NUM_THREADS:+, OMP_NUM_THREADS=$OMP_NUM_THREADS})$restarts" >&2
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     if [[ -n "$generated" ]]; then sed "s|^|pretrain.sh: $generated: |" "$generated" >&2; fi
     printf '%q ' "${cmd[@]}"
     echo
     exit 0
 fi
-exec "${cmd[@]}" # signals (Ctrl-C, scancel) go straight to the launcher, which stops its ranks
+# A lock younger than 10 minutes is kept: a build on another node may be using a shared cache.
+"$PYTHON" -m llmtrain.distributed.extensions
+if ((MAX_RESTARTS == 0)); then
+    exec "${cmd[@]}" # signals (Ctrl-C, scancel) go straight to the launcher, which stops its ranks
+fi
+
+# --- run, restarting after failures ------------------------------------------------------------
+child=""
+stop_signal=""
+signals=0
+forward() { # pass a signal this script got to the launcher and every rank, then stop
+    stop_signal=$1
+    signals=$((signals + 1))
+    [[ -z "$child" ]] || kill -s "$1" -- "-$child" 2>/dev/null || true
+}
+stop_if_signalled() {
+    if [[ -n "$stop_signal" ]]; then
+        echo "pretrain.sh: stopped by SIG$stop_signal; not restarting" >&2
+        exit $((128 + $(kill -l "$stop_signal")))
+    fi
+}
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+attempts=$((MAX_RESTARTS + 1))
+run=("${cmd[@]}")
+for ((attempt = 1; ; attempt++)); do
+    # The launcher in its own process group (job control on for this one command): a forwarded
+    # signal reaches it and all its ranks, and SIGINT is not ignored as in a plain background job.
+    set -m
+    "${run[@]}" &
+    child=$!
+    set +m
+    while :; do # `wait` returns early when a trapped signal arrives: then wait again for the exit
+        seen=$signals
+        rc=0
+        wait "$child" || rc=$?
+        ((signals != seen)) || break
+    done
+    child=""
+    stop_if_signalled
+    ((rc != 0)) || exit 0
+    if ((rc == 2)); then
+        echo "pretrain.sh: attempt $attempt/$attempts failed with exit code 2 (a configuration or input" \
+            "error; a restart cannot fix it)" >&2
+        exit 2
+    fi
+    if ((attempt == attempts)); then
+        echo "pretrain.sh: attempt $attempt/$attempts failed with exit code $rc; no restarts left" >&2
+        exit "$rc"
+    fi
+    echo "pretrain.sh: attempt $attempt/$attempts failed with exit code $rc; restarting from the newest" \
+        "verified checkpoint (resume=auto)" >&2
+    sleep "$RESTART_DELAY_S" &
+    sleeper=$!
+    wait "$sleeper" || kill "$sleeper" 2>/dev/null || true # returns at once on SIGINT/SIGTERM
+    stop_if_signalled
+    run=("${cmd[@]}" resume=auto) # the newest checkpoint, also when the user named one
+    if [[ "$NNODES" == 1 && -z "${HOSTFILE:-}" ]]; then
+        # one node: the attempt that just ended was this job's only builder, and /proc sees all of it
+        "$PYTHON" -m llmtrain.distributed.extensions --min-age-s 0
+    else
+        "$PYTHON" -m llmtrain.distributed.extensions
+    fi
+done

@@ -11,25 +11,36 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtrain.data.config import DataConfig, PrepareConfig, TokenizerConfig
-from llmtrain.errors import UserError
+from llmtrain.data.config import (
+    DataConfig,
+    PrepareConfig,
+    TokenizerConfig,
+    check_data_config,
+    check_prepare_config,
+    check_tokenizer_config,
+)
+from llmtrain.errors import ConfigError, check
 from llmtrain.model.config import ModelConfig, check_model_config
 from llmtrain.train.config import (
     CheckpointConfig,
     DeepSpeedConfig,
+    GuardConfig,
     LoggingConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
     TrainConfig,
+    check_checkpoint_config,
+    check_deepspeed_config,
+    check_guard_config,
+    check_logging_config,
+    check_optim_config,
+    check_schedule_config,
+    check_train_config,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEMA_NAME = "llmtrain_schema"
-
-
-class ConfigError(UserError):
-    """A configuration value is missing, malformed, or inconsistent with another."""
 
 
 @dataclass
@@ -71,12 +82,15 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     resume: str = "auto"
-    """auto (newest complete checkpoint, else fresh) | none | a checkpoint folder."""
+    """auto (newest checkpoint that verifies, else fresh) | none | a checkpoint folder."""
+    resume_allow_data_change: bool = False
+    """Resume although the shards (names, sizes, checksums, tokenizer) differ from the checkpoint's."""
 
     @property
     def run_dir(self) -> Path:
@@ -123,6 +137,7 @@ def load_config(
         choices = OmegaConf.to_container(raw.hydra.runtime.choices)
         with _unlocked(raw):
             del raw["hydra"]
+        check_known_keys(OmegaConf.to_container(raw, resolve=False), Config)
         cfg: Config = OmegaConf.to_object(raw)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         # Hydra raises ValueError for some malformed overrides, e.g. `debug=null` on a group
@@ -142,87 +157,67 @@ def _unlocked(node):
 
 
 def _one_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    """Hydra's and OmegaConf's multi-line messages as one line, keeping the reason and any option list."""
+    text = str(err)
+    cause = err.__cause__
+    if cause is not None and str(cause).strip() and str(cause) not in text:
+        # "Error merging override train.micro_batch_size=abc" alone drops why.
+        text = f"{text}: {cause}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("reference_type=", "object_type=", "full_key:"))]
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    if len(lines) > 1 and lines[1].startswith("Available options in"):
+        return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
     return " | ".join(lines[:3]) if lines else type(err).__name__
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+def _schema_keys(cls) -> dict[str, object]:
+    """Field name -> type of a config dataclass (resolved, despite `from __future__ import annotations`)."""
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def check_known_keys(node: object, cls: type, prefix: str = "") -> None:
+    """Every key of a composed config must be a field of the schema: Hydra lets `+train.max_stepz=5`
+    add a key that the typed object then drops without a word."""
+    import dataclasses
+    import difflib
+    import typing
+
+    if not isinstance(node, dict):
+        return
+    fields = _schema_keys(cls)
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{name}: no such key in the config schema{hint}")
+        kind = fields[key]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if dataclasses.is_dataclass(kind):
+            check_known_keys(value, kind, f"{name}.")
+        elif typing.get_origin(kind) is list and args and dataclasses.is_dataclass(args[0]):
+            for i, item in enumerate(value or []):
+                check_known_keys(item, args[0], f"{name}[{i}].")
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no world size: enumerations, ranges, and field-to-field consistency."""
-    _check(
-        cfg.model.arch in ("llama", "gpt2"), "model.arch", f"must be llama or gpt2, got {cfg.model.arch!r}"
-    )
-    _check(
-        cfg.tokenizer.model_type in ("bpe", "unigram"),
-        "tokenizer.model_type",
-        f"must be bpe or unigram, got {cfg.tokenizer.model_type!r}",
-    )
-    _check(
-        cfg.data.on_bad_record in ("fail", "skip"),
-        "data.on_bad_record",
-        f"must be fail or skip, got {cfg.data.on_bad_record!r}",
-    )
-    _check(
-        cfg.train.precision in ("bf16", "fp16", "fp32"),
-        "train.precision",
-        f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}",
-    )
-    _check(
-        cfg.schedule.name in ("cosine", "wsd", "constant"),
-        "schedule.name",
-        f"must be cosine, wsd or constant, got {cfg.schedule.name!r}",
-    )
-    _check(
-        cfg.deepspeed.zero_stage in (0, 1, 2, 3),
-        "deepspeed.zero_stage",
-        f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}",
-    )
-    _check(
-        cfg.logging.wandb.mode in ("online", "offline", "disabled"),
-        "logging.wandb.mode",
-        f"must be online, offline or disabled, got {cfg.logging.wandb.mode!r}",
-    )
-    _check(cfg.train.max_steps > 0, "train.max_steps", "must be positive")
-    _check(cfg.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-    _check(cfg.train.seq_len > 0, "train.seq_len", "must be positive")
-    _check(
-        cfg.train.seq_len <= cfg.model.max_seq_len,
-        "train.seq_len",
-        f"{cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
-    )
-    _check(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    _check(
-        cfg.optim.name.lower() == "adamw", "optim.name", f"only adamw is supported, got {cfg.optim.name!r}"
-    )
-    for key in ("min_lr_ratio", "decay_fraction"):
-        value = getattr(cfg.schedule, key)
-        _check(0.0 <= value <= 1.0, f"schedule.{key}", f"must be in [0, 1], got {value}")
-    _check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
-    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must not be negative (0 disables)")
-    _check(cfg.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
-    _check(cfg.train.val_every >= 0, "train.val_every", "must not be negative (0 disables)")
-    total = cfg.schedule.total_steps
-    _check(total is None or total > 0, "schedule.total_steps", "must be positive")
-    _check(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must not be negative")
-    if cfg.deepspeed.offload_params:
-        _check(cfg.deepspeed.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage=3")
-    if cfg.deepspeed.offload_optimizer:
-        _check(cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs deepspeed.zero_stage>=1")
+    """Every value once, before any rank starts: each section's own check, then the cross-section ones."""
     check_model_config(cfg.model, need_vocab=False)
-    names = [s.name for s in cfg.data.sources]
-    _check(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")
-    for i, src in enumerate(cfg.data.sources):
-        _check(src.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {src.weight}")
-        _check(
-            src.format in ("txt", "jsonl", "parquet", "stdlib"),
-            f"data.sources[{i}].format",
-            f"must be txt, jsonl, parquet or stdlib, got {src.format!r}",
-        )
+    check_data_config(cfg.data)
+    check_tokenizer_config(cfg.tokenizer)
+    check_prepare_config(cfg.prepare)
+    check_train_config(cfg.train, max_seq_len=cfg.model.max_seq_len)
+    check_optim_config(cfg.optim)
+    check_schedule_config(cfg.schedule)
+    check_deepspeed_config(cfg.deepspeed, precision=cfg.train.precision)
+    check_checkpoint_config(cfg.checkpoint)
+    check_guard_config(cfg.guard)
+    check_logging_config(cfg.logging)
+    check(bool(cfg.resume), "resume", "must be auto, none or a checkpoint folder")
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:

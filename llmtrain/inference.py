@@ -33,12 +33,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device | None = None) -> Loaded:
-    """Build the model described by a checkpoint's saved config and load its fp32 weights."""
-    from llmtrain.model import build_model
-    from llmtrain.train.checkpoint import CONFIG_FILE, load_model_state, read_state, resolve_checkpoint
+def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 consolidated weights of a complete checkpoint of any ZeRO stage, on the CPU.
 
-    path = resolve_checkpoint(cfg.run_dir, which)
+    The caller has verified the checkpoint's manifest: the backend's consolidation unpickles files.
+    """
+    from llmtrain.distributed.backend import consolidated_state_dict
+    from llmtrain.train.checkpoint import COMPLETE, is_complete
+
+    if not is_complete(checkpoint):
+        raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE} marker)")
+    return consolidated_state_dict(Path(checkpoint))
+
+
+def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device | None = None) -> Loaded:
+    """Build the model described by a checkpoint's saved config and load its fp32 weights.
+
+    The checkpoint is verified against its manifest first (nothing is unpickled before that);
+    one without a manifest needs `checkpoint.trust_unverified=true`.
+    """
+    from llmtrain.model import build_model
+    from llmtrain.train.checkpoint import CONFIG_FILE, read_state, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.run_dir, which, trust_unverified=cfg.checkpoint.trust_unverified)
     saved = config_from_yaml(path / CONFIG_FILE)
     state = read_state(path)
     if saved.model.vocab_size is None:
@@ -46,7 +63,7 @@ def load_checkpoint_model(cfg: Config, which: str | None, device: torch.device |
     saved.model.compile = False
     saved.model.activation_checkpointing = False
     model = build_model(saved.model)
-    weights = load_model_state(path)  # keeps DeepSpeed's narration off stdout, where results go
+    weights = load_weights(path)  # keeps DeepSpeed's narration off stdout, where results go
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -61,7 +78,7 @@ def load_matching_tokenizer(loaded: Loaded):
     from llmtrain.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(loaded.config.data_dir)
-    expected = loaded.state.get("tokenizer_hash")
+    expected = (loaded.state.get("run") or {}).get("tokenizer_hash", loaded.state.get("tokenizer_hash"))
     if expected and tokenizer.hash != expected:
         raise CheckpointError(
             f"{loaded.config.data_dir}/tokenizer.model (hash {tokenizer.hash[:12]}) is not the tokenizer "

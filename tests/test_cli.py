@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from llmtrain.cli import main, split_args
-from llmtrain.config import ConfigError, load_config
+from llmtrain.app import split_args
+from llmtrain.cli import main
+from llmtrain.config import load_config
+from llmtrain.errors import ConfigError
 
 
 def test_split_args_drops_the_launchers_local_rank_and_reads_config_dir():

@@ -25,17 +25,22 @@ LAUNCH_VARS = (
     "OMP_NUM_THREADS",
     "DEEPSPEED_ARGS",
     "DRY_RUN",
+    "MAX_RESTARTS",
+    "RESTART_DELAY_S",
+    "LLMTRAIN_FAULT",
 )
 
 
-def run_script(script: Path, *args: str, cwd: Path, path_prefix: Path | None = None, **env: str):
+def run_script(
+    script: Path, *args: str, cwd: Path, path_prefix: Path | None = None, timeout: float = 120, **env: str
+):
     environ = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     # the venv's bin (deepspeed, python) first, as after `source .venv/bin/activate`
     bins = [str(Path(sys.executable).parent)] + ([str(path_prefix)] if path_prefix else [])
     environ["PATH"] = os.pathsep.join(bins + [environ.get("PATH", "")])
     environ.update(env)
     return subprocess.run(
-        [str(script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=120
+        [str(script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -141,7 +146,7 @@ def test_hostfile_over_ssh_counts_slots(tmp_path):
 
 def test_slurm_script_maps_slurm_variables(tmp_path):
     fake = tmp_path / "bin"
-    fake.mkdir()
+    fake.mkdir(parents=True)
     (fake / "scontrol").write_text("#!/bin/sh\nprintf 'nodeA\\nnodeB\\n'\n")
     # srun stand-in: one task, as SLURM would start on the second node
     (fake / "srun").write_text(
@@ -167,7 +172,7 @@ def test_slurm_script_maps_slurm_variables(tmp_path):
     assert cmd[-1] == "model=tiny"
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path):
     """The real launcher end to end: 2 gloo ranks, then an extended run resumes and appends."""
     common = [
@@ -198,6 +203,146 @@ def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train)
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "step_8").is_dir()
+
+
+# A stand-in for the deepspeed launcher: appends its arguments to $FAKE_DIR/calls and exits with the
+# next code of $FAKE_CODES (one per call); "hang" starts a "rank" and waits for a signal instead.
+FAKE_DEEPSPEED = r"""#!/usr/bin/env bash
+echo "$*" >>"$FAKE_DIR/calls"
+codes=($FAKE_CODES)
+code=${codes[$(($(wc -l <"$FAKE_DIR/calls") - 1))]:-0}
+if [[ "$code" == hang ]]; then
+    sleep 60 &
+    echo $! >"$FAKE_DIR/rank_pid"
+    trap 'echo TERM >>"$FAKE_DIR/signals"; exit 143' TERM
+    touch "$FAKE_DIR/started"
+    while :; do sleep 0.05; done
+fi
+exit "$code"
+"""
+
+
+def fake_launcher(tmp_path: Path, codes: str) -> dict[str, str]:
+    """Environment for run_script: the fake `deepspeed` first on PATH, CPU mode, no restart delay."""
+    fake = tmp_path / "fake"
+    fake.mkdir(parents=True)
+    (fake / "deepspeed").write_text(FAKE_DEEPSPEED)
+    (fake / "deepspeed").chmod(0o755)
+    path = os.pathsep.join([str(fake), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {
+        "PATH": path,
+        "FAKE_DIR": str(fake),
+        "FAKE_CODES": codes,
+        "DS_ACCELERATOR": "cpu",
+        "RESTART_DELAY_S": "0",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
+    }
+
+
+def calls(env: dict[str, str]) -> list[list[str]]:
+    return [line.split() for line in (Path(env["FAKE_DIR"]) / "calls").read_text().splitlines()]
+
+
+def test_restart_settings_keep_the_dry_run_command_and_are_checked(tmp_path):
+    plain = command_of(run_script(PRETRAIN, "run.name=x", cwd=tmp_path, DS_ACCELERATOR="cpu", DRY_RUN="1"))
+    result = run_script(
+        PRETRAIN, "run.name=x", cwd=tmp_path, DS_ACCELERATOR="cpu", DRY_RUN="1", MAX_RESTARTS="2"
+    )
+    assert command_of(result) == plain and "up to 2 restart(s)" in result.stderr
+    for var, value in (("MAX_RESTARTS", "-1"), ("MAX_RESTARTS", "x"), ("RESTART_DELAY_S", "soon")):
+        result = run_script(PRETRAIN, cwd=tmp_path, DS_ACCELERATOR="cpu", DRY_RUN="1", **{var: value})
+        assert result.returncode == 2 and f"{var}={value}" in result.stderr
+
+
+def test_failed_attempt_restarts_with_resume_auto(tmp_path):
+    env = fake_launcher(tmp_path, "247 0")
+    result = run_script(PRETRAIN, "run.name=x", "resume=none", cwd=tmp_path, MAX_RESTARTS="2", **env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "pretrain.sh: attempt 1/3 failed with exit code 247; restarting from the newest verified "
+        "checkpoint (resume=auto)" in result.stderr
+    )
+    first, second = calls(env)
+    assert first[-2:] == ["run.name=x", "resume=none"]
+    assert second == first + ["resume=auto"]  # the later override wins
+
+
+def test_user_error_is_not_restarted_and_restarts_run_out(tmp_path):
+    env = fake_launcher(tmp_path, "2")
+    result = run_script(PRETRAIN, cwd=tmp_path, MAX_RESTARTS="3", **env)
+    assert result.returncode == 2 and len(calls(env)) == 1
+    assert "attempt 1/4 failed with exit code 2 (a configuration or input error" in result.stderr
+    env = fake_launcher(tmp_path / "again", "5 6 0")
+    result = run_script(PRETRAIN, cwd=tmp_path, MAX_RESTARTS="1", **env)
+    assert result.returncode == 6 and len(calls(env)) == 2
+    assert "attempt 2/2 failed with exit code 6; no restarts left" in result.stderr
+
+
+def test_sigterm_reaches_launcher_and_ranks_and_is_not_restarted(tmp_path):
+    import signal
+    import time
+
+    env = fake_launcher(tmp_path, "hang 0")
+    environ = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    environ.update(env, MAX_RESTARTS="2")
+    proc = subprocess.Popen([str(PRETRAIN)], cwd=tmp_path, env=environ, stderr=subprocess.PIPE, text=True)
+    fake = Path(env["FAKE_DIR"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (fake / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM; not restarting" in err and "restarting from" not in err
+    assert (fake / "signals").read_text() == "TERM\n" and len(calls(env)) == 1
+    rank = int((fake / "rank_pid").read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{rank}").exists() or "Z" in Path(f"/proc/{rank}/stat").read_text().split()[2]
+
+
+def test_launcher_clears_a_stale_build_lock_first(tmp_path):
+    env = fake_launcher(tmp_path, "0")
+    lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    os.utime(lock, (0, 0))
+    result = run_script(PRETRAIN, cwd=tmp_path, **env)  # MAX_RESTARTS unset: exec
+    assert result.returncode == 0 and len(calls(env)) == 1
+    assert f"llmtrain: removed stale build lock {lock}" in result.stderr and not lock.exists()
+
+
+@pytest.mark.multiprocess
+def test_pretrain_sh_restarts_after_a_killed_rank(prepared_data, tmp_path):
+    """Rank 1 is killed right after step 4 (once); the restart resumes from step 3 and finishes."""
+    overrides = [
+        *prepared_data.overrides,
+        "model=tiny",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "run.name=restart",
+        "logging.every_steps=1",
+        "checkpoint.every_steps=3",
+        "schedule.total_steps=6",
+        "train.max_steps=6",
+    ]
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": "29642",
+        "MAX_RESTARTS": "1",
+        "RESTART_DELAY_S": "0",
+        "LLMTRAIN_FAULT": f"step@4:rank=1:once={tmp_path / 'fired'}",
+    }
+    result = run_script(PRETRAIN, *overrides, cwd=tmp_path, timeout=480, **env)  # two launches
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fired").exists()
+    assert "attempt 1/2 failed with exit code" in result.stderr
+    assert "restarting from the newest verified checkpoint (resume=auto)" in result.stderr
+    steps = [r["step"] for r in read_jsonl(tmp_path / "runs" / "restart" / "metrics.jsonl") if "loss" in r]
+    assert max(steps) == 6 and 6 in steps
 
 
 def read_jsonl(path: Path) -> list[dict]:

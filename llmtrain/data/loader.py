@@ -35,11 +35,13 @@ import numpy as np
 import torch
 
 from llmtrain.data.shards import ShardReader, list_shards, shard_dir
+from llmtrain.data.tokenizer import tokenizer_identity
 from llmtrain.errors import DataError, UserError
 
 if TYPE_CHECKING:
     from llmtrain.config import Config
     from llmtrain.data.config import SourceConfig
+    from llmtrain.data.tokenizer import TokenizerIdentity
 
 Batch = dict[str, torch.Tensor]
 MIX_BLOCK = 1 << 18
@@ -225,13 +227,12 @@ class TrainLoader:
             raise UserError("data.sources: no sources to load")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
-        for key, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
-            if value <= 0:
-                raise UserError(f"train.{key}: must be positive, got {value}")
-        if global_batch_size <= 0 or global_batch_size % (micro_batch_size * world_size):
-            raise UserError(
-                f"train.global_batch_size={global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={micro_batch_size} x world {world_size}"
+        # The user-facing check of these is `llmtrain.config.batch_layout`; this guards callers.
+        if min(seq_len, micro_batch_size, global_batch_size) <= 0 or global_batch_size % (
+            micro_batch_size * world_size
+        ):
+            raise ValueError(
+                f"inconsistent batch: global {global_batch_size}, micro {micro_batch_size}, world {world_size}"
             )
         self.data_dir = Path(data_dir)
         self.seq_len = seq_len
@@ -240,8 +241,7 @@ class TrainLoader:
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.source_names = [_name(s) for s in sources]
         self.weights = [_weight(s) for s in sources]
-        if min(self.weights) <= 0:
-            raise UserError(f"data.sources: weights must be positive, got {self.weights}")
+        self.vocab_size = vocab_size
         self.block_counts = _apportion(self.weights, MIX_BLOCK)
         if (self.block_counts == 0).any():
             tiny = self.source_names[int(np.argmin(self.block_counts))]
@@ -319,6 +319,15 @@ class TrainLoader:
         for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s)
             tokens[sel], doc_ids[sel] = self.streams[s].read(starts[sel], self.seq_len + 1)
+            # With data.verify=size/off nothing checked the ids; an id past the embedding table would
+            # end in an index error deep inside the model (on GPU, a device assert). A max over one
+            # micro-batch on the host is cheap.
+            if self.vocab_size is not None and tokens[sel].max(initial=0) >= self.vocab_size:
+                name = self.source_names[s]
+                raise DataError(
+                    f"{shard_dir(self.data_dir, name)}: token id {int(tokens[sel].max())} >= vocab size "
+                    f"{self.vocab_size} in a train shard of source {name!r} (corrupt shard; data.verify=full names it)"
+                )
         return _batch(tokens, doc_ids)
 
     def next_batch(self) -> Batch:
@@ -331,12 +340,6 @@ class TrainLoader:
             self._micro = 0
             self._step_start += self.global_batch_size
         return batch
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next_batch()
 
     @property
     def next_sample(self) -> int:
@@ -439,42 +442,29 @@ class ValLoader:
         return stream.num_bytes / stream.num_tokens
 
 
-def read_tokenizer_sidecar(data_dir: str | Path) -> tuple[int, str]:
-    """(vocab_size, hash) from `<data_dir>/tokenizer.json`, with a clear error when prepare has not run."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: data folder not found; run `llmtrain prepare` first")
-    path = data_dir / "tokenizer.json"
-    try:
-        meta = json.loads(path.read_text())
-        return int(meta["vocab_size"]), str(meta["hash"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: tokenizer sidecar not found; run `llmtrain prepare` first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path}: malformed tokenizer sidecar ({type(err).__name__}: {err})") from None
-
-
-def build_train_loader(cfg: Config, rank: int, world_size: int) -> TrainLoader:
-    from llmtrain.config import batch_layout
-
-    global_batch, _ = batch_layout(cfg, world_size)
-    vocab_size, tok_hash = read_tokenizer_sidecar(cfg.data_dir)
+def build_train_loader(
+    cfg: Config, rank: int, world_size: int, identity: TokenizerIdentity | None = None
+) -> TrainLoader:
+    """The run's train loader; `identity` (read once by the caller) defaults to the data folder's."""
+    identity = identity or tokenizer_identity(cfg.data_dir)
     return TrainLoader(
         cfg.data_dir,
         cfg.data.sources,
         seq_len=cfg.train.seq_len,
         micro_batch_size=cfg.train.micro_batch_size,
-        global_batch_size=global_batch,
+        global_batch_size=cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size,
         rank=rank,
         world_size=world_size,
         seed=cfg.data.seed,
-        vocab_size=vocab_size,
-        tokenizer_hash=tok_hash,
+        vocab_size=identity.vocab_size,
+        tokenizer_hash=identity.hash,
     )
 
 
-def build_val_loader(cfg: Config, rank: int, world_size: int) -> ValLoader:
-    vocab_size, tok_hash = read_tokenizer_sidecar(cfg.data_dir)
+def build_val_loader(
+    cfg: Config, rank: int, world_size: int, identity: TokenizerIdentity | None = None
+) -> ValLoader:
+    identity = identity or tokenizer_identity(cfg.data_dir)
     return ValLoader(
         cfg.data_dir,
         cfg.data.sources,
@@ -483,6 +473,6 @@ def build_val_loader(cfg: Config, rank: int, world_size: int) -> ValLoader:
         rank=rank,
         world_size=world_size,
         max_batches=cfg.train.val_batches,
-        vocab_size=vocab_size,
-        tokenizer_hash=tok_hash,
+        vocab_size=identity.vocab_size,
+        tokenizer_hash=identity.hash,
     )

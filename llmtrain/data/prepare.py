@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtrain.config import Config, ConfigError
+from llmtrain.config import Config
+from llmtrain.errors import ConfigError
 from llmtrain.data.config import SourceConfig
 from llmtrain.data.corpus import SPLITS, ReadStats, iter_documents, list_files, split_of
 from llmtrain.data.shards import (
@@ -36,6 +37,7 @@ from llmtrain.data.shards import (
 )
 from llmtrain.data.tokenizer import Tokenizer, encode_chunk, get_tokenizer, init_worker
 from llmtrain.errors import DataError
+from llmtrain.io import write_atomic
 
 DONE_FILE = "done.json"
 STARTED_FILE = "started.json"
@@ -120,9 +122,7 @@ def _read_settings_file(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _resume_point(data_dir: Path, src: SourceConfig, split: str, tok: Tokenizer, res: SourceResult) -> int:
@@ -357,6 +357,10 @@ def tokenizer_sample(cfg: Config) -> list[str]:
                 size -= len(text)
                 cutoff = -neg if cutoff is None else min(cutoff, -neg)
         texts.extend(text for _, _, text in sorted(heap, key=lambda item: item[1]))
+    if not any(texts):
+        # sentencepiece would fail with an internal error about its own trainer state.
+        where = ", ".join(f"{s.name} ({s.path})" for s in cfg.data.sources)
+        raise DataError(f"no text to train the tokenizer on: the train documents of {where} are all empty")
     return texts
 
 
@@ -384,10 +388,6 @@ def prepare(cfg: Config) -> Path:
             "data.sources: no sources; pick a data config (e.g. data=stdlib) or declare sources"
         )
     workers = cfg.prepare.workers or os.cpu_count() or 1
-    if workers < 1:
-        raise ConfigError(f"prepare.workers: must be positive, got {cfg.prepare.workers}")
-    if cfg.prepare.shard_tokens < 1:
-        raise ConfigError(f"prepare.shard_tokens: must be positive, got {cfg.prepare.shard_tokens}")
     pending = [s for s in sources if _read_settings_file(shard_dir(data_dir, s.name) / DONE_FILE) is None]
     for src in pending:  # fail fast on a bad path before any long work
         list_files(src)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 from llmtrain.data.config import TokenizerConfig
 from llmtrain.errors import DataError
+from llmtrain.io import write_atomic
 
 MODEL_FILE = "tokenizer.model"
 SIDECAR_FILE = "tokenizer.json"
@@ -174,6 +175,7 @@ def settings_of(tcfg: TokenizerConfig) -> dict:
 
 
 def read_sidecar(data_dir: str | Path) -> dict | None:
+    """The sidecar of a data folder (None when there is none); the one reader of tokenizer.json."""
     path = Path(data_dir) / SIDECAR_FILE
     if not path.is_file():
         return None
@@ -183,22 +185,28 @@ def read_sidecar(data_dir: str | Path) -> dict | None:
         raise DataError(f"{path}: unreadable tokenizer sidecar ({err}); delete it to retrain") from None
     if not isinstance(meta, dict) or "hash" not in meta:
         raise DataError(f"{path}: malformed tokenizer sidecar (no hash); delete it to retrain")
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise DataError(f"{path}: malformed tokenizer sidecar (vocab_size); delete it to retrain")
     return meta
 
 
-def _check_ids(tcfg: TokenizerConfig) -> None:
-    from llmtrain.config import ConfigError
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What shards and checkpoints are checked against: the vocabulary size and the identity hash."""
 
-    ids = {"unk_id": tcfg.unk_id, "bos_id": tcfg.bos_id, "eos_id": tcfg.eos_id, "pad_id": tcfg.pad_id}
-    for key in ("unk_id", "eos_id"):
-        if ids[key] < 0:
-            raise ConfigError(f"tokenizer.{key}: must be >= 0 (documents end with EOS), got {ids[key]}")
-    used = {k: v for k, v in ids.items() if v >= 0}
-    if len(set(used.values())) != len(used):
-        raise ConfigError(f"tokenizer: special ids must differ, got {used}")
-    for key, value in used.items():
-        if value >= tcfg.vocab_size:
-            raise ConfigError(f"tokenizer.{key}: {value} is not below tokenizer.vocab_size={tcfg.vocab_size}")
+    vocab_size: int
+    hash: str
+
+
+def tokenizer_identity(data_dir: str | Path) -> TokenizerIdentity:
+    """The identity of a prepared data folder's tokenizer, without loading sentencepiece."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found; run `llmtrain prepare` first")
+    meta = read_sidecar(data_dir)
+    if meta is None:
+        raise DataError(f"{data_dir / SIDECAR_FILE}: tokenizer sidecar not found; run `llmtrain prepare` first")
+    return TokenizerIdentity(vocab_size=int(meta["vocab_size"]), hash=str(meta["hash"]))
 
 
 def _training_sentences(texts: Iterable[str], char_budget: int, counter: list[int]) -> Iterable[str]:
@@ -235,7 +243,6 @@ def train_tokenizer(tcfg: TokenizerConfig, texts: Iterable[str], out_dir: str | 
 
     import sentencepiece as spm
 
-    _check_ids(tcfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counter = [0, 0]  # documents, characters actually used
@@ -277,20 +284,13 @@ def train_tokenizer(tcfg: TokenizerConfig, texts: Iterable[str], out_dir: str | 
 
 
 def _publish(model_bytes: bytes, out_dir: Path, settings: dict, extra: dict) -> Tokenizer:
-    """Write model then sidecar into a temp folder and rename them into place, sidecar last."""
+    """Write the model, then the sidecar, each atomically; the old sidecar goes first, so a crash in
+    between leaves a model without a sidecar: an interrupted training, never reused."""
     tok = Tokenizer(model_bytes)
     meta = {**tok.info(), "settings": settings, **extra}
-    tmp = out_dir / f".tokenizer.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        (tmp / MODEL_FILE).write_bytes(model_bytes)
-        (tmp / SIDECAR_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        (out_dir / SIDECAR_FILE).unlink(missing_ok=True)
-        os.replace(tmp / MODEL_FILE, out_dir / MODEL_FILE)
-        os.replace(tmp / SIDECAR_FILE, out_dir / SIDECAR_FILE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / SIDECAR_FILE).unlink(missing_ok=True)
+    write_atomic(out_dir / MODEL_FILE, model_bytes)
+    write_atomic(out_dir / SIDECAR_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     tok.path = out_dir / MODEL_FILE
     return tok
 

@@ -8,20 +8,14 @@ import math
 import torch
 
 from llmtrain.config import Config
-
-
-def batch_to_device(batch: dict, device: torch.device, doc_mask: bool):
-    """(inputs, targets, doc_ids or None) of a loader batch (B, T+1), on `device`."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    doc_ids = batch["doc_ids"][:, :-1].to(device, non_blocking=True) if doc_mask else None
-    return tokens[:, :-1], tokens[:, 1:], doc_ids
+from llmtrain.data.batch import batch_to_device
 
 
 @torch.no_grad()
 def evaluate(model, val_loader, device: torch.device, *, doc_mask: bool = False) -> dict[str, float]:
     """Token-weighted mean loss per source and overall, summed over every rank when distributed.
 
-    `model(inputs, targets, doc_ids)` returns a mean loss; it may be a DeepSpeed engine. Every rank
+    `model(inputs, targets, doc_ids)` returns a mean loss; it may be the training backend. Every rank
     must call this (ZeRO-3 forwards are collective; the loader gives every rank the same count).
     """
     import torch.distributed as dist

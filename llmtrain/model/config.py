@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llmtrain.errors import ConfigError
+
 KERNEL_NAMES = ("rmsnorm", "swiglu", "fused_ce")
 
 
@@ -73,8 +75,6 @@ def check_model_config(cfg: ModelConfig, *, need_vocab: bool = True) -> None:
 
     `need_vocab=False` is for compose time, before the tokenizer has supplied the vocabulary.
     """
-    # Imported here: llmtrain.config imports this module for the schema.
-    from llmtrain.config import ConfigError
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 
+from llmtrain.errors import ConfigError
 from llmtrain.model.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per device, from the vendors' data sheets.
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s per device, from the vendors' data sheets; fp16's
+# dense peak is the same on these parts. fp32 has none here: it depends on whether matmuls use TF32.
 # Matched in order against torch.cuda.get_device_name(): the first entry whose words all occur wins.
 PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
     (("H200",), 989e12),
@@ -22,6 +24,7 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
     (("A100",), 312e12),
 ]
 PEAK_ENV = "LLMTRAIN_PEAK_FLOPS"
+PEAK_PRECISIONS = ("bf16", "fp16")
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -53,11 +56,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len)
 
 
-def peak_flops(device_name: str | None = None) -> float | None:
-    """Dense bf16 peak FLOP/s of one device, or None when unknown (a CPU, an unlisted GPU).
+def peak_flops(device_name: str | None = None, *, precision: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of one device at `precision`, or None when unknown (a CPU, an unlisted GPU,
+    fp32), so MFU is only reported against a peak that applies to the run.
 
-    $LLMTRAIN_PEAK_FLOPS (e.g. 989e12) overrides the table. Without a name, the current CUDA
-    device's is used.
+    $LLMTRAIN_PEAK_FLOPS (e.g. 989e12) overrides the table, for any precision. Without a name, the
+    current CUDA device's is used.
     """
     override = os.environ.get(PEAK_ENV)
     if override:
@@ -66,10 +70,10 @@ def peak_flops(device_name: str | None = None) -> float | None:
         except ValueError:
             value = -1.0
         if not value > 0:
-            from llmtrain.config import ConfigError
-
             raise ConfigError(f"{PEAK_ENV}={override!r}: must be a positive number of FLOP/s, e.g. 989e12")
         return value
+    if precision not in PEAK_PRECISIONS:
+        return None
     if device_name is None:
         import torch
 

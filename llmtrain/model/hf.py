@@ -10,23 +10,22 @@ Conventions worth knowing:
 - GPT-2 stores Linear weights in `Conv1D` as (in, out): transposed relative to ours.
 - Our embedding and output rows are padded to a multiple of cfg.vocab_multiple; HF's are not.
 - Dropout is a training choice, not part of a checkpoint: from_hf sets it to 0.
+- `load_hf_folder` reads a folder (safetensors only) for `train.init_from`: fine-tuning or continued
+  pretraining from an exported or downloaded Llama / GPT-2 model.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmtrain.errors import ConfigError
 from llmtrain.model.config import ModelConfig, check_model_config
 
 Tensor = torch.Tensor
-
-
-def _config_error(message: str) -> Exception:
-    from llmtrain.config import ConfigError
-
-    return ConfigError(message)
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
@@ -48,7 +47,7 @@ def to_hf(state_dict: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Te
     if cfg.arch == "llama":
         return _llama_to_hf(state_dict, cfg), llama_config_dict(cfg)
     if cfg.kv_heads != cfg.n_heads:
-        raise _config_error(
+        raise ConfigError(
             f"model.n_kv_heads: GPT2LMHeadModel has no grouped-query attention "
             f"(n_kv_heads={cfg.kv_heads}, n_heads={cfg.n_heads}); export as arch=llama instead"
         )
@@ -176,7 +175,7 @@ def from_hf(
         cfg = _gpt2_config(hf_config, vocab_multiple)
         sd = _gpt2_from_hf(hf_state_dict, cfg)
     else:
-        raise _config_error(f"model_type: {model_type!r} is not supported (llama or gpt2)")
+        raise ConfigError(f"model_type: {model_type!r} is not supported (llama or gpt2)")
     check_model_config(cfg)
     return sd, cfg
 
@@ -185,19 +184,15 @@ def _llama_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise _config_error(
-            f"rope_parameters.rope_type: {rope_type!r} scaling is not supported (default only)"
-        )
+        raise ConfigError(f"rope_parameters.rope_type: {rope_type!r} scaling is not supported (default only)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise _config_error(f"hidden_act: {hf['hidden_act']!r} is not supported (silu only)")
+        raise ConfigError(f"hidden_act: {hf['hidden_act']!r} is not supported (silu only)")
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d_model // n_heads
     if head_dim * n_heads != d_model:
-        raise _config_error(
-            f"head_dim: {head_dim} x {n_heads} heads != hidden_size {d_model} (not supported)"
-        )
+        raise ConfigError(f"head_dim: {head_dim} x {n_heads} heads != hidden_size {d_model} (not supported)")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-        raise _config_error("attention_bias / mlp_bias: must be equal (model.bias covers both)")
+        raise ConfigError("attention_bias / mlp_bias: must be equal (model.bias covers both)")
     return ModelConfig(
         arch="llama",
         n_layers=hf["num_hidden_layers"],
@@ -219,9 +214,9 @@ def _llama_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
 def _gpt2_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise _config_error(f"activation_function: {act!r} is not supported (gelu_new)")
+        raise ConfigError(f"activation_function: {act!r} is not supported (gelu_new)")
     if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
-        raise _config_error(
+        raise ConfigError(
             "scale_attn_weights / scale_attn_by_inverse_layer_idx: only the standard 1/sqrt(d) scale"
         )
     d_model = hf["n_embd"]
@@ -292,7 +287,61 @@ def _gpt2_from_hf(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
 
 def _required(sd: dict[str, Tensor], name: str) -> Tensor:
     if name not in sd:
-        raise _config_error(
+        raise ConfigError(
             f"{name}: missing from the state dict of an untied model (tie_word_embeddings=false)"
         )
     return sd[name]
+
+
+# Fields that decide the shape and the function of the model: an `init_from` folder must agree on all.
+_SHAPE_FIELDS = (
+    "arch",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "kv_heads",
+    "ffn_dim",
+    "padded_vocab",
+    "tie_embeddings",
+    "use_bias",
+    "norm_eps",
+    "rope_theta",
+)
+
+
+def load_hf_folder(folder: str | Path, expect: ModelConfig) -> dict[str, Tensor]:
+    """Our state dict from a Hugging Face model folder (config.json + model.safetensors), e.g. one
+    `llmtrain export` wrote: the weights `train.init_from` starts a run with.
+
+    Only safetensors are read (nothing is unpickled). The folder's model must match `expect` in
+    every field that shapes it; a mismatch names the key.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    where = f"train.init_from={folder}"
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ConfigError(
+                f"{where}: {path.name} not found (a Hugging Face folder with safetensors weights)"
+            )
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+        hf_state = load_file(str(weights_path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        raise ConfigError(f"{where}: unreadable ({type(err).__name__}: {err})") from None
+    try:
+        state, theirs = from_hf(hf_state, hf_config, vocab_multiple=expect.vocab_multiple)
+    except KeyError as err:
+        raise ConfigError(f"{where}: {weights_path.name} lacks tensor {err}") from None
+    for key in _SHAPE_FIELDS:
+        a, b = getattr(theirs, key), getattr(expect, key)
+        if a != b:
+            raise ConfigError(f"{where}: model.{key} is {a} there but {b} in this run's config")
+    if theirs.max_seq_len < expect.max_seq_len and expect.arch == "gpt2":
+        raise ConfigError(
+            f"{where}: learned positions cover {theirs.max_seq_len} tokens, fewer than model.max_seq_len="
+            f"{expect.max_seq_len}"
+        )
+    return state

@@ -2,6 +2,6 @@
 
 import sys
 
-from llmtrain.cli import run
+from llmtrain import app
 
-sys.exit(run("train", sys.argv[1:]))
+sys.exit(app.run("train", "llmtrain.train.trainer:main", sys.argv[1:]))

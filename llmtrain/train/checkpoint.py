@@ -1,38 +1,44 @@
-"""Sharded checkpoints that count only when complete, and the rules for finding one to resume.
+"""Sharded checkpoints that count only when complete and verified, and the rules for finding one.
 
 Layout of `<run_dir>/checkpoints/`:
 
     step_<N>/                      DeepSpeed's files (mp_rank_*, zero_pp_rank_*) for tag step_<N>
-        rng_rank<RRRRR>.pt         python / numpy / torch RNG states of rank R (each rank writes its own)
-        llmtrain_state.json        step, next global sample, world size, ZeRO stage, tokenizer hash,
-                                   wandb run id (rank 0, after every rank finished writing)
+        rng_rank<RRRRR>.pt         every rank's RNG states (tensors only: read with weights_only=True)
+        llmtrain_state.json        step, world size, ZeRO stage and the state of every stateful part
+                                   (run terms, loader, metrics, guard), written by rank 0
         config.yaml                the resolved config of the run that wrote it
+        MANIFEST.json              size and checksum of every file above (each rank hashed its own)
         COMPLETE                   written last by rank 0: only now does the checkpoint count
     step_<N>_universal/            DeepSpeed universal form of step_<N>, made when resuming on another
                                    world size (or by `llmtrain checkpoint`); removed with step_<N>
     latest                         "step_<N>": the newest complete checkpoint, replaced atomically
 
-DeepSpeed's own `latest` file is never written (`save_latest=False`): DeepSpeed writes it before
-the ranks agree the save finished, so it can point at a half-written checkpoint.
+The manager sees only the training backend (which writes and reads the model and optimizer shards)
+and stateful objects with `state_dict()` / `load_state_dict()`. Nothing in a folder is unpickled
+before its manifest verifies; a folder without a manifest (made elsewhere) loads only with
+`checkpoint.trust_unverified=true`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
-import os
 import random
 import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from llmtrain.errors import CheckpointError
+from llmtrain import faults
+from llmtrain.errors import CheckpointError, UserError
+from llmtrain.io import write_atomic
+from llmtrain.train import manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -41,6 +47,12 @@ STATE_FILE = "llmtrain_state.json"
 CONFIG_FILE = "config.yaml"
 UNIVERSAL_SUFFIX = "_universal"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_RANK_OF_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)0*(\d+)")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # ---------------------------------------------------------------- locating checkpoints
@@ -71,15 +83,30 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _named_by_latest(run_dir: str | Path) -> Path | None:
+    """The folder `latest` names, or None when it is missing or garbage (then we scan instead)."""
+    latest = checkpoints_dir(run_dir) / LATEST
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return checkpoints_dir(run_dir) / name if _STEP_RE.match(name) else None
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, newest first; the one `latest` names leads when it is complete."""
+    found = [path for _, path in reversed(list_checkpoints(run_dir)) if is_complete(path)]
+    named = _named_by_latest(run_dir)
+    if named is not None and named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
+
+
 def latest_complete(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names if complete, else the newest complete one found by scanning."""
-    latest = checkpoints_dir(run_dir) / LATEST
-    if latest.is_file():
-        named = checkpoints_dir(run_dir) / latest.read_text().strip()
-        if is_complete(named):
-            return named
-    complete = [path for _, path in list_checkpoints(run_dir) if is_complete(path)]
-    return complete[-1] if complete else None
+    found = complete_checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def _as_checkpoint(path: Path, what: str) -> Path:
@@ -97,8 +124,16 @@ def _as_checkpoint(path: Path, what: str) -> Path:
     return found
 
 
+def explicit_checkpoint(run_dir: str | Path, resume: str) -> Path:
+    """The folder a `resume=<path>` (or `step_<N>` of this run) names; missing or incomplete is an error."""
+    path = Path(resume).expanduser()
+    if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
+        path = checkpoints_dir(run_dir) / resume
+    return _as_checkpoint(path, f"resume={resume}")
+
+
 def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
-    """What `resume` asks for: a checkpoint folder, or None for a fresh start.
+    """What `resume` asks for, before verification: a checkpoint folder, or None for a fresh start.
 
     auto: newest complete checkpoint of the run, else fresh. none: fresh, and refused when the run
     already has complete checkpoints, since the new run's checkpoints would mix with the old ones.
@@ -114,65 +149,95 @@ def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
                 "to continue it, or another run.name / delete the folder to start over"
             )
         return None
-    path = Path(resume).expanduser()
-    if not path.exists() and not path.is_absolute() and len(path.parts) == 1:
-        path = checkpoints_dir(run_dir) / resume
-    return _as_checkpoint(path, f"resume={resume}")
-
-
-def resolve_checkpoint(run_dir: str | Path, which: str | None) -> Path:
-    """The checkpoint for eval / generate / export: `which` (a path) or the run's newest complete one."""
-    if which:
-        return find_checkpoint(run_dir, which)  # type: ignore[return-value]
-    found = latest_complete(run_dir)
-    if found is None:
-        raise CheckpointError(f"no complete checkpoint in {checkpoints_dir(run_dir)}; train first")
-    return found
+    return explicit_checkpoint(run_dir, resume)
 
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_FILE
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; not a llmtrain checkpoint") from None
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path}: corrupt (no step)")
+    return state
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify(checkpoint: Path, *, trust_unverified: bool, rank: int = 0, world_size: int = 1) -> None:
+    """This rank's share of the manifest check (all of it in a world of one); CheckpointError naming
+    the bad file. A folder without a manifest passes only when `trust_unverified`."""
+    try:
+        manifest.verify(checkpoint, rank=rank, world_size=world_size)
+    except manifest.UnverifiedCheckpoint:
+        if not trust_unverified:
+            raise
+        if rank == 0:
+            warnings.warn(
+                f"{checkpoint}: no {manifest.MANIFEST}; loading it unverified (checkpoint.trust_unverified=true)",
+                stacklevel=2,
+            )
+
+
+def resolve_checkpoint(run_dir: str | Path, which: str | None, *, trust_unverified: bool = False) -> Path:
+    """A verified checkpoint for eval / generate / export / conversion: `which` (a path, an error if
+    it does not verify) or the run's newest complete one that verifies (older ones are tried, loudly).
+    `auto` and `latest` mean the newest."""
+    if which and which not in ("auto", "latest"):
+        path = explicit_checkpoint(run_dir, which)
+        verify(path, trust_unverified=trust_unverified)
+        return path
+    candidates = complete_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"no complete checkpoint in {checkpoints_dir(run_dir)}; train first")
+    for path in candidates:
+        try:
+            verify(path, trust_unverified=trust_unverified)
+            return path
+        except CheckpointError as err:
+            print(f"llmtrain: warning: skipping checkpoint {path.name}: {err}", file=sys.stderr)
+    raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} verifies (see the warnings above)")
 
 
 # ---------------------------------------------------------------- RNG state (one file per rank)
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """Every RNG's state as tensors, so `torch.load(weights_only=True)` reads it back."""
-    py_version, py_state, py_gauss = random.getstate()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": torch.tensor([py_version, *py_state], dtype=torch.int64),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_rest": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    assert py_gauss is None and name == "MT19937"
-    if torch.cuda.is_available():
-        # This rank's device only: a resume may see another number of GPUs per node.
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class RNGState:
+    """Python, numpy and torch (CPU and this rank's GPU) generators, as tensors, so
+    `torch.load(weights_only=True)` reads them back."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        py_version, py_state, py_gauss = random.getstate()
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": torch.tensor([py_version, *py_state], dtype=torch.int64),
+            "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_rest": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
+            "torch": torch.get_rng_state(),
+        }
+        assert py_gauss is None and name == "MT19937"
+        if torch.cuda.is_available():
+            # This rank's device only: a resume may see another number of GPUs per node.
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        py = state["python"].tolist()
+        random.setstate((py[0], tuple(py[1:]), None))
+        pos, has_gauss, gauss = state["numpy_rest"].tolist()
+        np.random.set_state(
+            ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss)
+        )
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    py = state["python"].tolist()
-    random.setstate((py[0], tuple(py[1:]), None))
-    pos, has_gauss, gauss = state["numpy_rest"].tolist()
-    np.random.set_state(
-        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss)
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _rng_file(checkpoint: Path, rank: int) -> Path:
+def rng_file(checkpoint: Path, rank: int) -> Path:
     return checkpoint / f"rng_rank{rank:05d}.pt"
 
 
@@ -180,66 +245,128 @@ def rng_files(checkpoint: Path) -> list[Path]:
     return sorted(checkpoint.glob("rng_rank*.pt"))
 
 
-# ---------------------------------------------------------------- atomic small files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _writer_rank(relpath: str) -> int:
+    """Which rank wrote (and so hashes) a file: the one in its name, else rank 0 (mp_rank_00, ours)."""
+    match = _RANK_OF_FILE.search(Path(relpath).name)
+    return int(match.group(1)) if match else 0
 
 
 # ---------------------------------------------------------------- save / load
 
 
-def save(
-    engine, run_dir: str | Path, step: int, state: dict[str, Any], *, config_yaml: str, keep_last: int
-) -> dict[str, float]:
-    """Collective: every rank writes its shards and RNG state; rank 0 then marks it complete.
+class CheckpointManager:
+    """Saves and restores the backend's shards and the stateful parts of a run, collectively."""
 
-    Returns {"ckpt_s": seconds training was blocked, "ckpt_gb": size (rank 0 only, else 0)}.
-    """
-    import torch.distributed as dist
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+    def __init__(self, run_dir: Path, backend, *, rank: int, world_size: int, keep_last: int):
+        self.run_dir = Path(run_dir)
+        self.backend = backend
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
 
-    start = time.perf_counter()
-    rank = dist.get_rank()
-    path = step_dir(run_dir, step)
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # leftover of an interrupted save, or a run resumed from an older step
-            shutil.rmtree(path)
-            shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
-    dist.barrier()
-    # ds_to_universal refuses a checkpoint without this key; plain data parallelism needs no patterns.
-    client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4}, "llmtrain": state}
-    engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), _rng_file(path, rank))
-    dist.barrier()
-    size_gb = 0.0
-    if rank == 0:
-        write_atomic(path / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
-        write_atomic(path / CONFIG_FILE, config_yaml)
-        write_atomic(path / COMPLETE, f"{step}\n")
-        write_atomic(checkpoints_dir(run_dir) / LATEST, path.name)
-        prune(run_dir, keep_last)
-        size_gb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e9
-    # Returning means complete on every rank: a rank that exits next cannot outrun the marker.
-    dist.barrier()
-    return {"ckpt_s": time.perf_counter() - start, "ckpt_gb": size_gb}
+    def save(
+        self, step: int, states: dict[str, Stateful], *, extra: dict[str, Any], config_yaml: str
+    ) -> dict[str, float]:
+        """Every rank writes its shards and RNG state and hashes what it wrote; rank 0 then writes
+        the state, the manifest, COMPLETE and `latest`, in that order.
+
+        Returns {"ckpt_s": seconds training was blocked, "ckpt_gb": size (rank 0 only, else 0)}.
+        A full disk raises a UserError naming the folder on every rank, and the partial folder is
+        removed: the previous checkpoint stays the newest complete one.
+        """
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        path = step_dir(self.run_dir, step)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # leftover of an interrupted save, or a run resumed from an older step
+                (path / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(path)
+                shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+            path.mkdir()
+        dist.barrier()
+        error = None
+        try:
+            self.backend.save(path, {"llmtrain_step": step})
+            torch.save(RNGState().state_dict(), rng_file(path, self.rank))
+            dist.barrier()
+            faults.maybe_fail("save_shards", step)
+            if self.rank == 0:
+                state = {"step": step, "world_size": self.world_size, **extra}
+                state.update({name: obj.state_dict() for name, obj in states.items()})
+                write_atomic(path / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+                write_atomic(path / CONFIG_FILE, config_yaml)
+            dist.barrier()
+            mine = [f for f in manifest.list_files(path) if _writer_rank(f) == self.rank % self.world_size]
+            entries = manifest.hash_files(path, mine)
+        except (OSError, RuntimeError, UserError) as err:
+            error, entries = _describe_save_error(err, path), {}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (error, entries))
+        errors = [e for e, _ in gathered if e]
+        if errors:
+            if self.rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+            dist.barrier()
+            raise UserError(errors[0])
+        size_gb = 0.0
+        if self.rank == 0:
+            merged = {name: entry for _, part in gathered for name, entry in part.items()}
+            try:
+                manifest.write_manifest(path, merged)
+                faults.maybe_fail("save_manifest", step)
+                write_atomic(path / COMPLETE, f"{step}\n")
+                faults.maybe_fail("save_latest", step)
+                write_atomic(checkpoints_dir(self.run_dir) / LATEST, path.name)
+            except (OSError, UserError) as err:
+                error = _describe_save_error(err, path)
+                (path / COMPLETE).unlink(missing_ok=True)
+                shutil.rmtree(path, ignore_errors=True)
+            if error is None:
+                prune(self.run_dir, self.keep_last)
+                size_gb = sum(e["size"] for e in merged.values()) / 1e9
+        # Returning means complete on every rank: a rank that exits next cannot outrun the marker.
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0]:
+            raise UserError(outcome[0])
+        return {"ckpt_s": time.perf_counter() - start, "ckpt_gb": size_gb}
+
+    def restore(self, checkpoint: Path, states: dict[str, Stateful], *, restore_rng: bool) -> dict[str, Any]:
+        """Load the backend's shards, then every stateful part, from a verified checkpoint; returns
+        the saved state (a dict of each part's state_dict, plus step and world size)."""
+        saved = read_state(checkpoint)
+        self.backend.load(checkpoint)
+        for name, obj in states.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+        rng = rng_file(checkpoint, self.rank)
+        if restore_rng and rng.is_file():
+            try:
+                RNGState().load_state_dict(torch.load(rng, weights_only=True))
+            except Exception as err:  # an unpickling or format error of a file that verified
+                raise CheckpointError(f"{rng}: unreadable RNG state ({type(err).__name__})") from None
+        return saved
+
+
+def _describe_save_error(err: Exception, path: Path) -> str:
+    """One line for a failed save; a full disk is named as such (torch reports it as a RuntimeError)."""
+    text = str(err)
+    if isinstance(err, UserError):
+        return text
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        "No space left" in text or "file write failed" in text or "basic_ios::clear" in text
+    )
+    if full or _disk_nearly_full(path):
+        return f"{path.parent}: no space left on device while saving {path.name}; the previous checkpoint is kept"
+    return f"{path}: saving failed ({type(err).__name__}: {text.splitlines()[0] if text else ''})"
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        return False
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
@@ -262,41 +389,3 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         # The marker goes first: a crash mid-delete leaves an incomplete folder, never a broken "complete" one.
         (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def load(engine, checkpoint: Path, *, restore_rng: bool) -> None:
-    """Collective: load DeepSpeed's state (model, optimizer, step counters) and this rank's RNGs."""
-    import torch.distributed as dist
-
-    load_path, _ = engine.load_checkpoint(
-        str(checkpoint.parent),
-        tag=checkpoint.name,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-        load_module_strict=True,
-    )
-    if load_path is None:
-        raise CheckpointError(f"{checkpoint}: DeepSpeed found nothing to load")
-    rng = _rng_file(checkpoint, dist.get_rank())
-    if restore_rng and rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True))
-
-
-def load_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """fp32 consolidated weights of a checkpoint saved with any ZeRO stage, on the CPU."""
-    path = Path(checkpoint_dir)
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-    if any(path.glob("*_optim_states.pt")):
-        # DeepSpeed narrates on stdout (from its import on), where `llmtrain generate` writes samples.
-        with contextlib.redirect_stdout(sys.stderr):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        # ZeRO-0 keeps the whole module in mp_rank_00 (in the training dtype).
-        files = sorted(path.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{path}: no DeepSpeed model states found")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}

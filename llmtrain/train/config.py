@@ -6,6 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmtrain.errors import ConfigError, check, check_choice
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "wsd", "constant")
+ZERO_STAGES = (0, 1, 2, 3)
+WANDB_MODES = ("online", "offline", "disabled")
+NONFINITE_ACTIONS = ("skip", "rollback", "stop")
+# Keys of the generated DeepSpeed config that the trainer and the loader rely on; a raw override of
+# them would make DeepSpeed's view of the batch differ from ours.
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
 
 @dataclass
 class RunConfig:
@@ -30,6 +42,11 @@ class TrainConfig:
     """Validate every N steps (and at the end); 0 disables."""
     val_batches: int | None = 20
     """Micro-batches per validation pass; None = the whole validation split."""
+    init_from: str | None = None
+    """A Hugging Face model folder (config.json + model.safetensors, e.g. from `llmtrain export`) whose
+    weights start a fresh run; ignored when resuming. Its shape must match model.*."""
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer than this (a stalled or dead rank) fails the job on every rank."""
 
 
 @dataclass
@@ -76,6 +93,26 @@ class CheckpointConfig:
     """Also save when this many minutes passed since the last save."""
     keep_last: int = 3
     at_end: bool = True
+    trust_unverified: bool = False
+    """Load a checkpoint that has no MANIFEST.json (made elsewhere) although its files cannot be
+    verified before DeepSpeed unpickles them."""
+
+
+@dataclass
+class GuardConfig:
+    """What to do when training goes non-finite or the loss spikes; every rank takes the same action."""
+
+    nonfinite: str = "skip"
+    """skip (drop the update) | rollback (reload the last good checkpoint, skip `skip_batches`) | stop."""
+    max_consecutive_skips: int = 5
+    """This many skipped steps in a row stop the run (non-zero exit), naming the step and the cause."""
+    skip_batches: int = 0
+    """rollback only: global batches to skip after reloading (PaLM's remedy for a spike)."""
+    spike_sigma: float | None = None
+    """A loss more than this many standard deviations above the running window counts as a spike
+    (handled by `nonfinite`'s action); None disables the detector."""
+    spike_window: int = 50
+    """Logged losses in the detector's running window."""
 
 
 @dataclass
@@ -98,3 +135,113 @@ class LoggingConfig:
     plot: bool = True
     """Write loss_curve.png into the run directory at the end."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def check_train_config(train: TrainConfig, *, max_seq_len: int) -> None:
+    """Raise ConfigError naming the first `train.*` value that cannot work."""
+    check(train.max_steps > 0, "train.max_steps", f"must be positive, got {train.max_steps}")
+    check(
+        train.micro_batch_size > 0,
+        "train.micro_batch_size",
+        f"must be positive, got {train.micro_batch_size}",
+    )
+    glob = train.global_batch_size
+    check(glob is None or glob > 0, "train.global_batch_size", f"must be positive, got {glob}")
+    check(train.seq_len > 0, "train.seq_len", f"must be positive, got {train.seq_len}")
+    check(
+        train.seq_len <= max_seq_len,
+        "train.seq_len",
+        f"{train.seq_len} exceeds model.max_seq_len={max_seq_len}",
+    )
+    check_choice(train.precision, PRECISIONS, "train.precision")
+    check(
+        train.grad_clip >= 0, "train.grad_clip", f"must not be negative (0 disables), got {train.grad_clip}"
+    )
+    check(train.val_every >= 0, "train.val_every", "must not be negative (0 disables)")
+    vb = train.val_batches
+    check(vb is None or vb > 0, "train.val_batches", f"must be positive (or null for all), got {vb}")
+    check(
+        train.collective_timeout_s > 0,
+        "train.collective_timeout_s",
+        f"must be positive, got {train.collective_timeout_s}",
+    )
+
+
+def check_optim_config(optim: OptimConfig) -> None:
+    check_choice(optim.name.lower(), OPTIMIZERS, "optim.name")
+    check(optim.lr > 0, "optim.lr", f"must be positive, got {optim.lr}")
+    check(optim.weight_decay >= 0, "optim.weight_decay", f"must not be negative, got {optim.weight_decay}")
+    for key in ("beta1", "beta2"):
+        value = getattr(optim, key)
+        check(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
+    check(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
+
+
+def check_schedule_config(schedule: ScheduleConfig) -> None:
+    check_choice(schedule.name, SCHEDULES, "schedule.name")
+    check(
+        schedule.warmup_steps >= 0,
+        "schedule.warmup_steps",
+        f"must not be negative, got {schedule.warmup_steps}",
+    )
+    total = schedule.total_steps
+    check(total is None or total > 0, "schedule.total_steps", f"must be positive, got {total}")
+    for key in ("min_lr_ratio", "decay_fraction"):
+        value = getattr(schedule, key)
+        check(0.0 <= value <= 1.0, f"schedule.{key}", f"must be in [0, 1], got {value}")
+
+
+def check_deepspeed_config(ds: DeepSpeedConfig, *, precision: str) -> None:
+    """Our keys and the raw `deepspeed.config` block together: what DeepSpeed will actually see."""
+    check_choice(ds.zero_stage, ZERO_STAGES, "deepspeed.zero_stage")
+    raw = ds.config
+    for key in DS_OWNED_KEYS:
+        if key in raw:
+            raise ConfigError(
+                f"deepspeed.config.{key}={raw[key]} conflicts with the train.* batch settings; "
+                "set train.micro_batch_size / train.global_batch_size instead"
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in raw:
+            raise ConfigError(
+                f"deepspeed.config.{key}: the optimizer and lr schedule come from optim.* and schedule.*; "
+                "remove this key"
+            )
+    enabled = {k for k in ("bf16", "fp16") if (raw.get(k) or {}).get("enabled", precision == k)}
+    if len(enabled) == 2:
+        raise ConfigError("deepspeed.config: bf16 and fp16 cannot both be enabled (use train.precision)")
+    zero = raw.get("zero_optimization") or {}
+    stage = zero.get("stage", ds.zero_stage)
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"deepspeed.config.zero_optimization.stage must be 0-3, got {stage}")
+    if ds.offload_params:
+        check(stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage=3")
+    elif zero.get("offload_param") and stage != 3:
+        raise ConfigError("deepspeed.config.zero_optimization.offload_param needs stage 3")
+    if ds.offload_optimizer:
+        check(stage >= 1, "deepspeed.offload_optimizer", "needs deepspeed.zero_stage>=1")
+    elif zero.get("offload_optimizer") and stage == 0:
+        raise ConfigError("deepspeed.config.zero_optimization.offload_optimizer needs stage >= 1")
+
+
+def check_checkpoint_config(ckpt: CheckpointConfig) -> None:
+    check(ckpt.keep_last >= 1, "checkpoint.keep_last", f"must be at least 1, got {ckpt.keep_last}")
+    check(ckpt.every_steps >= 0, "checkpoint.every_steps", "must not be negative (0 disables)")
+    minutes = ckpt.every_minutes
+    check(minutes is None or minutes > 0, "checkpoint.every_minutes", f"must be positive, got {minutes}")
+
+
+def check_logging_config(log: LoggingConfig) -> None:
+    check(log.every_steps >= 1, "logging.every_steps", f"must be at least 1, got {log.every_steps}")
+    check_choice(log.wandb.mode, WANDB_MODES, "logging.wandb.mode")
+
+
+def check_guard_config(guard: GuardConfig) -> None:
+    check_choice(guard.nonfinite, NONFINITE_ACTIONS, "guard.nonfinite")
+    check(guard.max_consecutive_skips >= 1, "guard.max_consecutive_skips", "must be at least 1")
+    check(guard.skip_batches >= 0, "guard.skip_batches", f"must not be negative, got {guard.skip_batches}")
+    sigma = guard.spike_sigma
+    check(
+        sigma is None or sigma > 0, "guard.spike_sigma", f"must be positive (or null to disable), got {sigma}"
+    )
+    check(guard.spike_window >= 2, "guard.spike_window", f"must be at least 2, got {guard.spike_window}")

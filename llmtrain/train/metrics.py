@@ -14,9 +14,9 @@ stays monotonic in step. Each record is flushed but not fsynced: cheap enough to
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import UserError
+from llmtrain.io import write_atomic
 
 JSONL_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -73,9 +74,7 @@ def truncate_metrics(path: Path, start_step: int) -> None:
     kept = [json.dumps(r) for r in read_metrics(path) if r["step"] <= start_step]
     new_text = "".join(line + "\n" for line in kept)
     if new_text != text:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(new_text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, new_text, durable=False)
 
 
 def _format_console(step: int, total: int, metrics: dict[str, Any]) -> str:
@@ -190,6 +189,19 @@ class MetricsLogger:
     @property
     def wandb_run_id(self) -> str | None:
         return self._wandb_run_id
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the logger: the wandb run to reopen on resume."""
+        return {"wandb_run_id": self._wandb_run_id}
+
+    def rewind(self, step: int) -> None:
+        """Drop records past `step` (after a rollback to that step's checkpoint), so the file stays
+        monotonic in step."""
+        if self._file is None:
+            return
+        self._file.close()
+        truncate_metrics(self.jsonl_path, step)
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     # -- sinks ---------------------------------------------------------------------------------
     def _start_wandb(self):
@@ -324,7 +336,7 @@ def plot_loss_curve(jsonl_path: str | Path, out_path: str | Path, *, title: str 
     ax.legend()
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_path)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    write_atomic(out_path, image.getvalue(), durable=False)
     return out_path

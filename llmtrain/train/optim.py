@@ -80,13 +80,6 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def check_optimizer_name(optim_cfg: OptimConfig) -> None:
-    if optim_cfg.name.lower() != "adamw":
-        from llmtrain.config import ConfigError
-
-        raise ConfigError(f"optim.name: only adamw is supported, got {optim_cfg.name!r}")
-
-
 def adamw(
     groups: list[dict], optim_cfg: OptimConfig, lr: float, *, fused: bool | None = None
 ) -> torch.optim.AdamW:
@@ -95,7 +88,6 @@ def adamw(
     `fused=None` picks the fused kernel when every parameter is a floating tensor on CPU or CUDA
     (measured ~1.4x faster than foreach on the 2-core CPU sandbox), else the foreach implementation.
     """
-    check_optimizer_name(optim_cfg)
     if fused is None:
         fused = all(
             p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"]
@@ -104,10 +96,3 @@ def adamw(
     return torch.optim.AdamW(
         groups, lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, **kwargs
     )
-
-
-def build_optimizer(
-    model: nn.Module, optim_cfg: OptimConfig, lr: float, *, fused: bool | None = None
-) -> torch.optim.AdamW:
-    """`adamw` over `param_groups(model)`, for a plain loop without DeepSpeed."""
-    return adamw(param_groups(model, optim_cfg), optim_cfg, lr, fused=fused)

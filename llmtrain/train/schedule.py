@@ -10,7 +10,9 @@ s < warmup_steps, so the last warmup update uses the full base_lr. `warmup_steps
 
 The horizon `schedule.total_steps` (None = `train.max_steps`) is kept apart from `max_steps`, so a
 run can be stopped early and extended later without changing its curve. At and past the horizon the
-lr stays at the floor `min_lr_ratio * base_lr` (cosine, wsd).
+lr stays at the floor `min_lr_ratio * base_lr` (cosine, wsd). The horizon a run starts with is one of
+its fixed terms: saved in every checkpoint and kept on resume unless `schedule.total_steps` is given
+(see `llmtrain.train.run_terms`). Values are validated once, at compose time (`check_schedule_config`).
 
 - cosine: warmup, then a half cosine from base_lr at `warmup_steps` down to the floor at the horizon.
 - wsd: warmup, then base_lr held until the last `decay_fraction * total_steps` steps, then a linear
@@ -22,10 +24,7 @@ from __future__ import annotations
 
 import math
 
-from llmtrain.config import ConfigError
 from llmtrain.train.config import ScheduleConfig
-
-SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def horizon(schedule: ScheduleConfig, max_steps: int) -> int:
@@ -33,25 +32,11 @@ def horizon(schedule: ScheduleConfig, max_steps: int) -> int:
     return schedule.total_steps if schedule.total_steps is not None else max_steps
 
 
-def _check(schedule: ScheduleConfig, total: int) -> None:
-    if schedule.name not in SCHEDULES:
-        raise ConfigError(f"schedule.name: must be one of {', '.join(SCHEDULES)}, got {schedule.name!r}")
-    if total <= 0:
-        raise ConfigError(f"schedule.total_steps: must be positive, got {total}")
-    if schedule.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps: must not be negative, got {schedule.warmup_steps}")
-    if not 0.0 <= schedule.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {schedule.min_lr_ratio}")
-    if not 0.0 <= schedule.decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction: must be in [0, 1], got {schedule.decay_fraction}")
-
-
 def lr_at(step: int, *, base_lr: float, schedule: ScheduleConfig, max_steps: int) -> float:
     """Learning rate of the update applied after `step` completed updates (see module docstring)."""
     if step < 0:
         raise ValueError(f"step must not be negative, got {step}")
     total = horizon(schedule, max_steps)
-    _check(schedule, total)
     warmup = schedule.warmup_steps
     if step < warmup:
         return base_lr * (step + 1) / warmup
@@ -69,24 +54,3 @@ def lr_at(step: int, *, base_lr: float, schedule: ScheduleConfig, max_steps: int
         return base_lr
     progress = (step - decay_start) / (total - decay_start)
     return base_lr + (floor - base_lr) * progress
-
-
-def build_scheduler(
-    optimizer, *, base_lr: float, schedule: ScheduleConfig, max_steps: int, start_step: int = 0
-):
-    """A `torch.optim.lr_scheduler.LambdaLR` that sets every group's lr to `lr_at(step)`.
-
-    For code that wants a scheduler object (DeepSpeed's `lr_scheduler=` argument, the bare-loop
-    benchmark). Each group's `initial_lr` is pinned to `base_lr`, so `scheduler.step()` after update s
-    leaves `lr_at(s + 1)` in the groups; `start_step` positions it for a resumed run.
-    """
-    from torch.optim.lr_scheduler import LambdaLR
-
-    _check(schedule, horizon(schedule, max_steps))
-    for group in optimizer.param_groups:
-        group["initial_lr"] = base_lr
-
-    def factor(step: int) -> float:
-        return lr_at(step, base_lr=base_lr, schedule=schedule, max_steps=max_steps) / base_lr
-
-    return LambdaLR(optimizer, factor, last_epoch=start_step - 1)

@@ -1,37 +1,41 @@
 """`llmtrain train`: the pretraining loop, one process per data-parallel rank.
 
-`train()` reads top to bottom: find the checkpoint to resume, build the model, the engine and the
-loaders, restore, then step. Each step sets the learning rate from the pure schedule, runs the
-micro-batches of gradient accumulation through DeepSpeed, and only at logging intervals talks to
-the host (loss, agreed time / signal decisions), so the device is never stalled by bookkeeping.
+`Trainer.__init__` sets the run up, top to bottom: the tokenizer's identity, the shard check (in the
+background), the checkpoint to resume and the run's fixed terms, the loaders, the model and the
+training backend, then the restore. `Trainer.fit` steps: the learning rate from the pure schedule,
+the micro-batches of gradient accumulation through the backend, and only at logging intervals a
+talk with the host (loss, agreed time / signal decisions), so the device is not stalled by
+bookkeeping. Every stateful part (loader, guard, metrics, RNG, run terms) goes through the
+checkpoint manager as a `state_dict()`.
 """
 
 from __future__ import annotations
 
 import resource
-import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmtrain.config import Config, ConfigError, batch_layout
-from llmtrain.distributed import engine as dist_engine
-from llmtrain.errors import CheckpointError
-from llmtrain.eval.evaluate import batch_to_device, evaluate
+from llmtrain import faults
+from llmtrain.config import Config, batch_layout
+from llmtrain.data.batch import batch_to_device
+from llmtrain.distributed import runtime
+from llmtrain.errors import CheckpointError, ConfigError, JobError
+from llmtrain.eval.evaluate import evaluate
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train.guard import Guard, GuardStop, Verdict
 
 
 def main(cfg: Config) -> int:
-    info = dist_engine.init_distributed()
-    result = train(cfg, info)
+    info = runtime.init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    result = Trainer(cfg, info).fit()
     # Not in a `finally`: a rank that raised must exit now, so the launcher sees it and stops the
     # job, instead of waiting in shutdown's barrier for ranks blocked in a collective it never joins.
     if info.launched:
-        dist_engine.shutdown()
+        runtime.shutdown()
     return result
 
 
@@ -47,271 +51,411 @@ class _Window:
     start: float = field(default_factory=time.perf_counter)
 
 
-class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves and exits at the next logging interval."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                return
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # second signal: give up at once
-            self.restore()
-            signal.raise_signal(signum)
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 def _config_yaml(cfg: Config) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _resume_plan(cfg: Config, world_size: int, tokenizer_hash: str) -> tuple[Path | None, dict | None, bool]:
-    """(checkpoint, its state, load through the universal format?) for `cfg.resume`."""
-    path = ckpt.find_checkpoint(cfg.run_dir, cfg.resume)
-    if path is None:
-        return None, None, False
-    state = ckpt.read_state(path)
-    if state.get("tokenizer_hash") != tokenizer_hash:
-        raise CheckpointError(
-            f"{path}: saved with tokenizer {state.get('tokenizer_hash')}, but {cfg.data_dir}/tokenizer.json "
-            f"has {tokenizer_hash}; resume with the data folder the run was trained on"
-        )
-    if cfg.train.global_batch_size is None:
-        # Keep the run's global batch, so a resume on another world size sees the same samples.
-        cfg.train.global_batch_size = int(state["global_batch_size"])
-    elif cfg.train.global_batch_size != state["global_batch_size"]:
-        warnings.warn(
-            f"train.global_batch_size changed from {state['global_batch_size']} to "
-            f"{cfg.train.global_batch_size}: the sample sequence continues, the step size differs",
-            stacklevel=2,
-        )
-    from llmtrain.train import universal
-
-    return path, state, universal.needs_universal(state, world_size, cfg.deepspeed.zero_stage, path)
-
-
-def _memory_gb(device: torch.device) -> float:
+def _memory_record(device: torch.device) -> dict[str, float]:
+    """Peak memory under a name that says what it measured."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        return {"memory_gb_cuda_peak": torch.cuda.max_memory_allocated(device) / 1e9}
+    return {"memory_gb_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
 
 
-def _engine_grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+class Trainer:
+    def __init__(self, cfg: Config, info: runtime.DistInfo):
+        from llmtrain.data.loader import build_train_loader, build_val_loader
+        from llmtrain.data.tokenizer import tokenizer_identity
+        from llmtrain.data.verify import data_fingerprint, shards_to_verify, start_verification
+        from llmtrain.distributed.backend import DeepSpeedBackend
+        from llmtrain.model import build_model
+        from llmtrain.train.optim import param_groups
+        from llmtrain.train.run_terms import resolve_run_terms
 
+        self.cfg, self.info = cfg, info
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        self.run_dir = cfg.run_dir
+        self.phase = "starting"
 
-def _engine_records_grad_norm(engine) -> bool:
-    """DeepSpeed records the unscaled global norm under ZeRO and in its fp16 / bf16 optimizer
-    wrappers; fp32 ZeRO-0 steps our torch AdamW directly and records none."""
-    return engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+        # -- the data this run reads, checked in the background while the model is built
+        identity = tokenizer_identity(cfg.data_dir)
+        if cfg.model.vocab_size not in (None, identity.vocab_size):
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {identity.vocab_size} "
+                f"({cfg.data_dir}/tokenizer.json); leave it unset"
+            )
+        cfg.model.vocab_size = identity.vocab_size
+        if cfg.tokenizer.path:
+            from llmtrain.data.tokenizer import Tokenizer
 
-
-def _local_grad_norm(model: torch.nn.Module) -> float:
-    """Norm of the gradients held in the module: whole and averaged over ranks under fp32 ZeRO-0."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-def train(cfg: Config, info: dist_engine.DistInfo) -> int:
-    import torch.distributed as dist
-
-    from llmtrain.data.loader import build_train_loader, build_val_loader, read_tokenizer_sidecar
-    from llmtrain.model import build_model
-    from llmtrain.model.flops import flops_per_token, mfu, peak_flops
-    from llmtrain.train.metrics import MetricsLogger
-    from llmtrain.train.optim import param_groups
-    from llmtrain.train.schedule import horizon, lr_at
-
-    rank, world, device = info.rank, info.world_size, info.device
-    run_dir = cfg.run_dir
-
-    # -- what we resume from (decides the global batch and whether the engine loads universal)
-    vocab_size, tokenizer_hash = read_tokenizer_sidecar(cfg.data_dir)
-    if cfg.model.vocab_size not in (None, vocab_size):
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {vocab_size} "
-            f"({cfg.data_dir}/tokenizer.json); leave it unset"
-        )
-    cfg.model.vocab_size = vocab_size
-    resume_from, state, universal = _resume_plan(cfg, world, tokenizer_hash)
-    global_batch, accum = batch_layout(cfg, world)
-    cfg.train.global_batch_size = global_batch
-    max_steps = cfg.train.max_steps
-    if cfg.schedule.total_steps is None:
-        cfg.schedule.total_steps = horizon(cfg.schedule, max_steps)
-    if universal:
-        from llmtrain.train.universal import ensure_universal
-
-        resume_from = ensure_universal(resume_from)
-
-    train_loader = build_train_loader(cfg, rank, world)
-    val_loader = build_val_loader(cfg, rank, world) if cfg.train.val_every > 0 else None
-    if val_loader is not None and not any(map(val_loader.num_batches, val_loader.source_names)):
-        # Same answer on every rank; found now, not as a crash at the first validation.
-        raise ConfigError(
-            f"train.val_every={cfg.train.val_every}: the validation split of {cfg.data_dir} has no full "
-            f"batch of {cfg.train.micro_batch_size} x {world} rank(s) windows of {cfg.train.seq_len} "
-            "tokens; set train.val_every=0, or prepare with a larger data.val_fraction"
-        )
-
-    # -- model and engine: the same initial weights on every rank, then per-rank randomness
-    dist_engine.seed_everything(cfg.run.seed)
-    model = build_model(cfg.model)
-    groups = param_groups(model, cfg.optim)
-    weight_decays = [g["weight_decay"] for g in groups]
-    engine, _ = dist_engine.build_engine(model, groups, cfg, world, load_universal=universal)
-    dist_engine.seed_everything(dist_engine.rank_seed(cfg.run.seed, rank))
-
-    start_step = 0
-    if resume_from is not None:
-        ckpt.load(engine, resume_from, restore_rng=state["world_size"] == world)
-        dist_engine.repair_after_load(engine, weight_decays, cfg)
-        train_loader.load_state_dict(state["loader"])
-        start_step = int(state["step"])
-        if rank == 0:
-            print(f"llmtrain train: resumed from {resume_from} at step {start_step}", file=sys.stderr)
-            if start_step >= max_steps:
-                print(
-                    f"llmtrain train: train.max_steps={max_steps} already reached; nothing to do",
-                    file=sys.stderr,
+            # Training reads data.dir's tokenizer; a different one named here would be silently ignored.
+            if Tokenizer.load(cfg.tokenizer.path).hash != identity.hash:
+                raise ConfigError(
+                    f"tokenizer.path={cfg.tokenizer.path}: not the tokenizer of {cfg.data_dir} that the shards "
+                    "were made with; drop it, or `llmtrain prepare` with it into another data.dir"
                 )
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomic(run_dir / "config.yaml", _config_yaml(cfg))
-
-    metrics = MetricsLogger(
-        cfg,
-        run_dir,
-        rank,
-        wandb_run_id=(state or {}).get("wandb_run_id"),
-        start_step=start_step,
-        total_steps=max_steps,
-    )
-    stop = _StopSignal()
-    stop.install()
-    flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
-    peak = peak_flops() if device.type == "cuda" else None
-    tokens_per_step = global_batch * cfg.train.seq_len
-
-    def save(step: int) -> dict[str, float]:
-        client = {
-            "step": step,
-            "loader": train_loader.state_dict(),
-            "world_size": world,
-            "zero_stage": cfg.deepspeed.zero_stage,
-            "global_batch_size": global_batch,
-            "tokenizer_hash": tokenizer_hash,
-            "wandb_run_id": metrics.wandb_run_id,
-            "seed": cfg.run.seed,
-        }
-        return ckpt.save(
-            engine, run_dir, step, client, config_yaml=_config_yaml(cfg), keep_last=cfg.checkpoint.keep_last
+        names = [s.name for s in cfg.data.sources]
+        verification = start_verification(
+            shards_to_verify(cfg.data_dir, names),
+            mode=cfg.data.verify,
+            rank=self.rank,
+            world_size=self.world,
+            vocab_size=identity.vocab_size,
+            tokenizer_hash=identity.hash,
         )
 
-    engine.train()
-    window = _Window(loss_sum=torch.zeros((), device=device))
-    last_save = time.monotonic()
-    saved_step = start_step
-    step = start_step
-    own_grad_norm = None
-    measure_grad_norm = not _engine_records_grad_norm(engine)
-    last_checkpoint: dict[str, float] = {}  # reported with the next training record
-    try:
+        # -- what we resume from, and the terms the run keeps (global batch, lr horizon, ...)
+        self.phase = "verifying the checkpoint to resume"
+        resume_from = self._find_resume()
+        saved = ckpt.read_state(resume_from) if resume_from is not None else None
+        self.terms, notes = resolve_run_terms(
+            cfg,
+            tokenizer_hash=identity.hash,
+            vocab_size=identity.vocab_size,
+            data=data_fingerprint(cfg.data_dir, names),
+            world_size=self.world,
+            saved=saved,
+            checkpoint=resume_from,
+        )
+        for note in notes:
+            self._say(f"note: {note}")
+        self.global_batch, self.accum = batch_layout(cfg, self.world)
+        universal = False
+        if resume_from is not None:
+            from llmtrain.train import universal as uni
+
+            universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
+            if universal:
+                self.phase = "converting the checkpoint to the universal format"
+                resume_from = uni.ensure_universal(resume_from)
+
+        self.train_loader = build_train_loader(cfg, self.rank, self.world, identity)
+        self.val_loader = None
+        if cfg.train.val_every > 0:
+            self.val_loader = build_val_loader(cfg, self.rank, self.world, identity)
+            if not any(map(self.val_loader.num_batches, self.val_loader.source_names)):
+                # Same answer on every rank; found now, not as a crash at the first validation.
+                raise ConfigError(
+                    f"train.val_every={cfg.train.val_every}: the validation split of {cfg.data_dir} has no "
+                    f"full batch of {cfg.train.micro_batch_size} x {self.world} rank(s) windows of "
+                    f"{cfg.train.seq_len} tokens; set train.val_every=0, or prepare with a larger data.val_fraction"
+                )
+
+        # -- model and backend: the same initial weights on every rank, then per-rank randomness
+        self.phase = "building the model"
+        runtime.seed_everything(cfg.run.seed)
+        model = build_model(cfg.model)
+        if cfg.train.init_from and resume_from is None:
+            from llmtrain.model.hf import load_hf_folder
+
+            model.load_state_dict(load_hf_folder(cfg.train.init_from, cfg.model))
+            self._say(f"initialized the weights from {cfg.train.init_from}")
+        self.backend = DeepSpeedBackend(
+            model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=universal
+        )
+        runtime.seed_everything(runtime.rank_seed(cfg.run.seed, self.rank))
+        self.phase = "verifying the shards"
+        from llmtrain.data.verify import agree
+
+        agree(verification.wait())
+
+        self.guard = Guard(cfg.guard)
+        self.checkpoints = ckpt.CheckpointManager(
+            self.run_dir,
+            self.backend,
+            rank=self.rank,
+            world_size=self.world,
+            keep_last=cfg.checkpoint.keep_last,
+        )
+        self.start_step = 0
+        if resume_from is not None:
+            self.phase = f"loading {resume_from}"
+            self.checkpoints.restore(
+                resume_from, self._resumable(), restore_rng=int(saved["world_size"]) == self.world
+            )
+            self.start_step = int(saved["step"])
+            self._say(f"resumed from {resume_from} at step {self.start_step}")
+            if self.start_step >= cfg.train.max_steps:
+                self._say(f"train.max_steps={cfg.train.max_steps} already reached; nothing to do")
+        if self.rank == 0:
+            from llmtrain.io import write_atomic
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "config.yaml", _config_yaml(cfg))
+
+        from llmtrain.train.metrics import MetricsLogger
+
+        wandb_id = ((saved or {}).get("metrics") or {}).get("wandb_run_id", (saved or {}).get("wandb_run_id"))
+        self.metrics = MetricsLogger(
+            cfg,
+            self.run_dir,
+            self.rank,
+            wandb_run_id=wandb_id,
+            start_step=self.start_step,
+            total_steps=cfg.train.max_steps,
+        )
+
+    # -- setup helpers --------------------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:  # stderr, so a scheduler's error log shows it
+            print(f"llmtrain train: {message}", file=sys.stderr)
+
+    def _resumable(self) -> dict:
+        return {"loader": self.train_loader, "guard": self.guard}
+
+    def _agree_on_error(self, error: str | None) -> str | None:
+        """The first error any rank saw (every rank must call this)."""
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, error)
+        return next((e for e in gathered if e), None)
+
+    def _verified(self, path: Path) -> str | None:
+        """Collective: None if `path` verifies on every rank's share, else the first problem."""
+        error = None
+        try:
+            ckpt.verify(
+                path,
+                trust_unverified=self.cfg.checkpoint.trust_unverified,
+                rank=self.rank,
+                world_size=self.world,
+            )
+        except CheckpointError as err:
+            error = str(err)
+        return self._agree_on_error(error)
+
+    def _find_resume(self) -> Path | None:
+        """The checkpoint `resume` asks for, verified; `auto` falls back to older ones, loudly."""
+        cfg = self.cfg
+        if cfg.resume != "auto":
+            path = ckpt.find_checkpoint(self.run_dir, cfg.resume)
+            if path is not None and (problem := self._verified(path)):
+                raise CheckpointError(f"resume={cfg.resume}: {problem}")
+            return path
+        for path in ckpt.complete_checkpoints(self.run_dir):
+            problem = self._verified(path)
+            if problem is None:
+                return path
+            self._say(f"WARNING: not resuming from {path.name}: {problem}; trying an older checkpoint")
+        return None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        from llmtrain.train.stop import StopSignal
+
+        stop = StopSignal()
+        stop.install()
+        try:
+            return self._loop(stop)
+        except RuntimeError as err:
+            if _is_collective_failure(err):
+                raise JobError(
+                    f"rank {self.rank}: {self.phase}: a collective failed (a rank stalled or died; "
+                    f"train.collective_timeout_s={self.cfg.train.collective_timeout_s:g}): {_first_line(err)}"
+                ) from None
+            raise
+        finally:
+            stop.restore()
+            self.metrics.close()
+
+    def _loop(self, stop) -> int:
+        from llmtrain.model.flops import flops_per_token, mfu, peak_flops
+
+        cfg, device = self.cfg, self.device
+        max_steps = cfg.train.max_steps
+        flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+        peak = peak_flops(precision=cfg.train.precision) if device.type == "cuda" else None
+        tokens_per_step = self.global_batch * cfg.train.seq_len
+        own_check = not self.backend.checks_overflow
+
+        self.backend.train()
+        window = _Window(loss_sum=torch.zeros((), device=device))
+        last_save = time.monotonic()
+        saved_step = step = self.start_step
+        last_checkpoint: dict[str, float] = {}  # reported with the next training record
         while step < max_steps:
             # -- one optimizer step: lr from the schedule, then accumulate over micro-batches
-            lr = lr_at(step, base_lr=cfg.optim.lr, schedule=cfg.schedule, max_steps=max_steps)
-            dist_engine.set_lr(engine, lr)
+            self.phase = f"step {step + 1}"
+            lr = _lr(cfg, step)
+            self.backend.set_lr(lr)
             logging_step = (step + 1) % cfg.logging.every_steps == 0 or step + 1 == max_steps
-            for micro in range(accum):
+            skipped_before = self.backend.skipped_steps()
+            step_loss = torch.zeros((), device=device)
+            skip = False
+            for micro in range(self.accum):
                 t0 = time.perf_counter()
-                batch = train_loader.next_batch()
+                batch = self.train_loader.next_batch()
                 window.data_wait += time.perf_counter() - t0
                 inputs, targets, doc_ids = batch_to_device(batch, device, cfg.model.doc_mask)
-                loss = engine(inputs, targets, doc_ids)
-                engine.backward(loss)
-                if measure_grad_norm and logging_step and micro == accum - 1:
-                    own_grad_norm = _local_grad_norm(model)
-                engine.step()
-                window.loss_sum += loss.detach().float()
-                window.micro_batches += 1
+                loss = self.backend(inputs, targets, doc_ids)
+                self.backend.backward(loss)
+                if own_check and micro == self.accum - 1:
+                    # fp32 ZeRO-0 only: DeepSpeed checks nothing there (see llmtrain.train.guard).
+                    skip = not bool(self.backend.grads_finite())
+                self.backend.step(skip=skip, measure_grad_norm=logging_step)
+                step_loss += loss.detach().float()
+            skipped = skip or self.backend.skipped_steps() > skipped_before
+            if not skipped:
+                window.loss_sum += step_loss
+                window.micro_batches += self.accum
             step += 1
             window.steps += 1
+            faults.maybe_fail("step", step)
+            verdict = self.guard.on_step(step, skipped=skipped)
+            if verdict.reason:
+                self._say(verdict.reason)
+            if verdict.action != "ok":
+                step = self._act(verdict, step)
+                window = _Window(loss_sum=torch.zeros((), device=device))
+                continue
 
             # -- logging interval: the only per-step host sync, shared with the rank agreement
-            save_now = step % cfg.checkpoint.every_steps == 0 if cfg.checkpoint.every_steps else False
+            save_now = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             stop_now = False
             if step % cfg.logging.every_steps == 0 or step == max_steps:
+                self.phase = f"step {step}: agreeing on the logged metrics"
                 due = (
                     cfg.checkpoint.every_minutes is not None
-                    and rank == 0
+                    and self.rank == 0
                     and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
                 )
-                flags = torch.tensor(
-                    [window.micro_batches, float(due), float(stop.received is not None)],
-                    dtype=torch.float32,
-                    device=device,
-                )
-                packed = torch.cat([window.loss_sum.reshape(1), flags])
-                dist.all_reduce(packed)
-                loss_sum, micro_batches, due_any, stop_any = packed.tolist()
+                loss, due_any, stop_any = self._reduce_window(window, due, stop.received is not None)
                 elapsed = time.perf_counter() - window.start - window.excluded
                 tokens_per_s = window.steps * tokens_per_step / elapsed
                 record = {
-                    "loss": loss_sum / micro_batches,
+                    "loss": loss,
                     "lr": lr,
-                    "grad_norm": own_grad_norm if measure_grad_norm else _engine_grad_norm(engine),
+                    "grad_norm": self.backend.grad_norm(),
                     "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_device": tokens_per_s / world,
+                    "tokens_per_s_per_device": tokens_per_s / self.world,
                     "step_time_s": elapsed / window.steps,
                     "data_wait_share": window.data_wait / elapsed,
-                    "memory_gb": _memory_gb(device),
+                    **_memory_record(device),
                     "tokens": step * tokens_per_step,
+                    **self.guard.metrics(),
+                    **{f"epoch/{k}": v for k, v in self.train_loader.epochs_per_source().items()},
                 }
-                util = mfu(tokens_per_s / world, flops_tok, peak)
+                util = mfu(tokens_per_s / self.world, flops_tok, peak)
                 if util is not None:
                     record["mfu"] = util
                 record.update(last_checkpoint)
                 last_checkpoint = {}
-                metrics.log(step, record)
-                save_now = save_now or due_any > 0
-                stop_now = stop_any > 0
+                self.metrics.log(step, record)
+                save_now = save_now or due_any
+                stop_now = stop_any
                 window = _Window(loss_sum=torch.zeros((), device=device))
+                if loss is not None:
+                    verdict = self.guard.on_log(step, loss)
+                    if verdict.reason:
+                        self._say(verdict.reason)
+                    if verdict.action != "ok":
+                        step = self._act(verdict, step)
+                        continue
 
             t0 = time.perf_counter()
-            if val_loader is not None and (step % cfg.train.val_every == 0 or step == max_steps):
-                metrics.log_val(step, evaluate(engine, val_loader, device, doc_mask=cfg.model.doc_mask))
+            if self.val_loader is not None and (step % cfg.train.val_every == 0 or step == max_steps):
+                self.phase = f"validation at step {step}"
+                val = evaluate(self.backend, self.val_loader, device, doc_mask=cfg.model.doc_mask)
+                self.metrics.log_val(step, val)
             if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
-                saved = save(step)
+                saved = self._save(step)
                 last_checkpoint = {"checkpoint_s": saved["ckpt_s"], "checkpoint_gb": saved["ckpt_gb"]}
-                metrics.write(
-                    f"llmtrain train: saved {ckpt.step_dir(run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
-                    f"in {saved['ckpt_s']:.2f} s)"
-                )
                 saved_step, last_save = step, time.monotonic()
             window.excluded += time.perf_counter() - t0
             if stop_now:
-                if rank == 0:  # stderr, so a scheduler's error log shows why the run ended
-                    reason = stop.received or "signal"
-                    print(f"llmtrain train: {reason}: saved step {saved_step}, exiting", file=sys.stderr)
+                self._say(f"{stop.received or 'signal'}: saved step {saved_step}, exiting")
                 return 0
-    finally:
-        stop.restore()
-        metrics.close()
-    return 0
+        return 0
+
+    def _reduce_window(self, window: _Window, due: bool, stopping: bool) -> tuple[float | None, bool, bool]:
+        """(mean loss over applied updates, save due on any rank, stop asked on any rank): one all-reduce."""
+        import torch.distributed as dist
+
+        flags = torch.tensor(
+            [window.micro_batches, float(due), float(stopping)], dtype=torch.float32, device=self.device
+        )
+        packed = torch.cat([window.loss_sum.reshape(1), flags])
+        dist.all_reduce(packed)
+        loss_sum, micro_batches, due_any, stop_any = packed.tolist()
+        loss = loss_sum / micro_batches if micro_batches else None
+        return loss, due_any > 0, stop_any > 0
+
+    def _save(self, step: int) -> dict[str, float]:
+        self.phase = f"saving {ckpt.step_dir(self.run_dir, step)}"
+        states = {
+            "run": self.terms,
+            "loader": self.train_loader,
+            "guard": self.guard,
+            "metrics": self.metrics,
+        }
+        saved = self.checkpoints.save(
+            step,
+            states,
+            extra={"zero_stage": self.cfg.deepspeed.zero_stage},
+            config_yaml=_config_yaml(self.cfg),
+        )
+        self.metrics.write(
+            f"llmtrain train: saved {ckpt.step_dir(self.run_dir, step)} ({saved['ckpt_gb']:.3f} GB "
+            f"in {saved['ckpt_s']:.2f} s)"
+        )
+        return saved
+
+    def _act(self, verdict: Verdict, step: int) -> int:
+        """Carry out a guard's `stop` or `rollback`; returns the step to continue from."""
+        if verdict.action == "stop":
+            raise GuardStop(
+                f"{verdict.reason}; stopping (guard.nonfinite={self.cfg.guard.nonfinite}), nothing saved"
+            )
+        rollbacks = self.guard.rollbacks + 1
+        if rollbacks > self.cfg.guard.max_consecutive_skips:
+            raise GuardStop(f"{verdict.reason}; {rollbacks - 1} rollbacks did not help, stopping")
+        self.phase = f"rolling back after step {step}"
+        target = next((p for p in ckpt.complete_checkpoints(self.run_dir) if self._verified(p) is None), None)
+        if target is None:
+            raise GuardStop(
+                f"{verdict.reason}; guard.nonfinite=rollback but there is no checkpoint to roll back to"
+            )
+        saved = self.checkpoints.restore(
+            target, self._resumable(), restore_rng=int(ckpt.read_state(target)["world_size"]) == self.world
+        )
+        self.guard.rollbacks = rollbacks
+        skip = self.cfg.guard.skip_batches
+        loader_state = self.train_loader.state_dict()
+        loader_state["next_sample"] += skip * self.global_batch
+        self.train_loader.load_state_dict(loader_state)
+        back_to = int(saved["step"])
+        self.metrics.rewind(back_to)
+        self._say(f"rolled back to {target.name} (step {back_to}), skipping the next {skip} batch(es)")
+        return back_to
+
+
+def _lr(cfg: Config, step: int) -> float:
+    from llmtrain.train.schedule import lr_at
+
+    return lr_at(step, base_lr=cfg.optim.lr, schedule=cfg.schedule, max_steps=cfg.train.max_steps)
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return any(
+        marker in text
+        for marker in (
+            "timed out",
+            "timeout",
+            "connection closed",
+            "connection reset",
+            "gloo",
+            "nccl",
+            "broken pipe",
+        )
+    )
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(err).__name__

@@ -1,24 +1,24 @@
 """DeepSpeed's universal checkpoint: the bridge between data-parallel world sizes (and ZeRO stages).
 
 ZeRO-1/2/3 checkpoints hold each rank's flat partition of the optimizer state, so they only load on
-the world size that wrote them. `ds_to_universal` rewrites them as one file per parameter (fp32
-weight, exp_avg, exp_avg_sq), which any world size loads with `checkpoint.load_universal`. The
-trainer converts on demand when the world size changed; `llmtrain checkpoint` does it ahead of time
-(for the checkpoint named by `resume`, default the run's newest complete one).
+the world size that wrote them. The universal form has one file per parameter (fp32 weight,
+exp_avg, exp_avg_sq), which any world size loads. The trainer converts on demand when the world
+size changed; `llmtrain checkpoint` does it ahead of time (for the checkpoint named by `resume`,
+default the run's newest verified one). The conversion itself is the backend's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
-from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
 from llmtrain.config import Config
+from llmtrain.distributed.backend import convert_to_universal
 from llmtrain.errors import CheckpointError
+from llmtrain.io import write_atomic
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train import manifest
 
 
 def needs_universal(state: dict[str, Any], world_size: int, zero_stage: int, path: Path) -> bool:
@@ -41,43 +41,33 @@ def needs_universal(state: dict[str, Any], world_size: int, zero_stage: int, pat
 
 
 def convert(checkpoint: Path) -> Path:
-    """Write `<checkpoint>_universal/` (once) with our state files beside DeepSpeed's; return it."""
-    from deepspeed.checkpoint import ds_to_universal
+    """Write `<checkpoint>_universal/` (once, with its own manifest); return it.
 
+    The source must have been verified by the caller: the conversion unpickles its files.
+    """
     checkpoint = Path(checkpoint)
     if not ckpt.is_complete(checkpoint):
         raise CheckpointError(f"{checkpoint}: incomplete checkpoint (no {ckpt.COMPLETE} marker)")
     out = checkpoint.with_name(checkpoint.name + ckpt.UNIVERSAL_SUFFIX)
     if ckpt.is_complete(out):
-        return out
+        try:
+            manifest.verify_all(out)
+            return out
+        except CheckpointError:
+            pass  # a damaged earlier conversion: make it again
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    args = Namespace(
-        input_folder=str(checkpoint),
-        output_folder=str(tmp),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
-            ds_to_universal.main(args)
-    except Exception as err:
+        convert_to_universal(checkpoint, tmp)
+    except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"{checkpoint}: universal conversion failed: {type(err).__name__}: {err}"
-        ) from err
-    finally:
-        # ds_to_universal points a `latest_universal` file at its output; we track completeness ourselves.
-        (checkpoint.parent / "latest_universal").unlink(missing_ok=True)
+        raise
     # The RNG files too: a resume through this folder on the same world size restores them.
     for src in (checkpoint / ckpt.STATE_FILE, checkpoint / ckpt.CONFIG_FILE, *ckpt.rng_files(checkpoint)):
         shutil.copy2(src, tmp / src.name)
-    ckpt.write_atomic(tmp / ckpt.COMPLETE, (checkpoint / ckpt.COMPLETE).read_text())
+    manifest.write_manifest(tmp, manifest.hash_files(tmp, manifest.list_files(tmp)))
+    write_atomic(tmp / ckpt.COMPLETE, (checkpoint / ckpt.COMPLETE).read_text())
     tmp.rename(out)
     return out
 
@@ -103,7 +93,7 @@ def ensure_universal(checkpoint: Path) -> Path:
 def main(cfg: Config) -> int:
     """`llmtrain checkpoint [run.name=...] [resume=<checkpoint>]`: convert to the universal format."""
     which = None if cfg.resume in ("auto", "none") else cfg.resume
-    source = ckpt.resolve_checkpoint(cfg.run_dir, which)
+    source = ckpt.resolve_checkpoint(cfg.run_dir, which, trust_unverified=cfg.checkpoint.trust_unverified)
     out = convert(source)
     print(f"llmtrain checkpoint: {out}")
     return 0

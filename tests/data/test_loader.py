@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmtrain.config import Config
+from llmtrain.config import Config, batch_layout, load_config
 from llmtrain.data.config import SourceConfig
 from llmtrain.data.loader import (
     MIX_BLOCK,
@@ -234,22 +234,25 @@ def test_resume_warns_when_the_mixture_changed(data):
         other.load_state_dict(state)
 
 
-def test_global_batch_must_divide_into_ranks(data):
+def test_global_batch_must_divide_into_ranks():
+    """Checked once, by the batch layout every entry point (launcher pre-flight, trainer) computes."""
+    cfg = Config()
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 3, 8
     with pytest.raises(UserError, match="train.global_batch_size=8 is not a multiple"):
-        make_loader(data[0], micro_batch_size=3)
+        batch_layout(cfg, 1)
 
 
 @pytest.mark.parametrize(
-    "kw, message",
+    "overrides, message",
     [
-        (dict(seq_len=0), r"train\.seq_len: must be positive, got 0"),
-        (dict(micro_batch_size=0), r"train\.micro_batch_size: must be positive, got 0"),
-        (dict(global_batch_size=0), r"train\.global_batch_size=0 is not a multiple"),
+        (["train.seq_len=0"], r"train\.seq_len: must be positive, got 0"),
+        (["train.micro_batch_size=0"], r"train\.micro_batch_size: must be positive, got 0"),
+        (["train.global_batch_size=0"], r"train\.global_batch_size: must be positive, got 0"),
     ],
 )
-def test_non_positive_sizes_name_their_key(data, kw, message):
+def test_non_positive_sizes_name_their_key(overrides, message):
     with pytest.raises(UserError, match=message):
-        make_loader(data[0], **kw)
+        load_config(overrides)
 
 
 def test_val_loader_walks_each_source_once_in_order(data):

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import write_corpus
 
-from llmtrain.config import ConfigError
-from llmtrain.data.config import TokenizerConfig
+from llmtrain.errors import ConfigError
+from llmtrain.data.config import TokenizerConfig, check_tokenizer_config
 from llmtrain.data.tokenizer import (
     SIDECAR_FILE,
     Tokenizer,
@@ -176,9 +176,10 @@ def test_char_budget_bounds_the_training_text(texts, tmp_path):
 
 
 def test_bad_settings_give_one_clear_error(texts, tmp_path):
+    """Special ids are checked once, where TokenizerConfig is (load_config runs it at compose time)."""
     with pytest.raises(ConfigError, match=r"tokenizer: special ids must differ"):
-        train_tokenizer(TokenizerConfig(vocab_size=400, pad_id=2), texts, tmp_path)
+        check_tokenizer_config(TokenizerConfig(vocab_size=400, pad_id=2))
     with pytest.raises(ConfigError, match=r"tokenizer\.eos_id: must be >= 0"):
-        train_tokenizer(TokenizerConfig(vocab_size=400, eos_id=-1), texts, tmp_path)
+        check_tokenizer_config(TokenizerConfig(vocab_size=400, eos_id=-1))
     with pytest.raises(DataError, match=r"Vocabulary size too high.*lower tokenizer\.vocab_size"):
         train_tokenizer(TokenizerConfig(vocab_size=5000), ["tiny text\n"] * 10, tmp_path)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmtrain.config import ConfigError, load_config
-from llmtrain.distributed.engine import build_ds_config, deep_merge, offloads_optimizer
+from llmtrain.config import load_config
+from llmtrain.distributed.ds_config import build_ds_config, deep_merge, offloads_optimizer
+from llmtrain.errors import ConfigError
 
 
 def make(*overrides: str):

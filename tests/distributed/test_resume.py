@@ -24,7 +24,7 @@ from dist_jobs import (
 
 from llmtrain.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 STEPS = 2 * N
 
 
@@ -78,7 +78,7 @@ def test_resume_on_one_rank_continues_bit_exact(runs, stage):
 
     Bit for bit holds because (g0 + g1) / 2 (all-reduce) equals g0 / 2 + g1 / 2 (accumulation)
     exactly in floating point, AdamW is elementwise, and the universal checkpoint stores fp32
-    weights and moments losslessly (after the ZeRO-3 load repairs in distributed/engine.py).
+    weights and moments losslessly (after the ZeRO-3 load repairs in distributed/backend.py).
     """
     ref = runs.reference(stage)
     run_dir = copy_run(ref, runs.root / f"resume_z{stage}_r1")

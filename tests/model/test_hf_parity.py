@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmtrain.config import ConfigError
+from llmtrain.errors import ConfigError
 from llmtrain.model import ModelConfig, build_model
 from llmtrain.model.hf import from_hf, to_hf
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmtrain.config import ConfigError
+from llmtrain.errors import ConfigError
 from llmtrain.model import ModelConfig, build_model
 from llmtrain.model.transformer import KVCache, document_mask, document_positions
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from llmtrain.errors import CheckpointError
+from llmtrain.io import write_atomic
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train import manifest
 from llmtrain.train.universal import needs_universal
 
 
@@ -18,6 +20,7 @@ def fake(run_dir, step: int, *, complete: bool = True):
     path = ckpt.step_dir(run_dir, step)
     path.mkdir(parents=True)
     (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    manifest.write_manifest(path, manifest.hash_files(path, manifest.list_files(path)))
     if complete:
         (path / ckpt.COMPLETE).write_text(f"{step}\n")
     return path
@@ -28,7 +31,7 @@ def test_latest_skips_incomplete_checkpoints(tmp_path):
     newest = fake(tmp_path, 20)
     fake(tmp_path, 30, complete=False)  # a save that died midway
     # `latest` names a checkpoint whose marker is gone (e.g. deleted by hand): fall back to scanning
-    ckpt.write_atomic(ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST, "step_30")
+    write_atomic(ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST, "step_30")
     assert ckpt.latest_complete(tmp_path) == newest
     assert ckpt.find_checkpoint(tmp_path, "auto") == newest
     assert ckpt.resolve_checkpoint(tmp_path, None) == newest
@@ -76,7 +79,7 @@ def test_prune_after_resuming_an_older_checkpoint_keeps_the_one_just_saved(tmp_p
     """resume=step_2 of a run that reached step_6, then a save at step 4: `latest` says step_4."""
     for step in (2, 4, 6):
         fake(tmp_path, step)
-    ckpt.write_atomic(ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST, "step_4")
+    write_atomic(ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST, "step_4")
     ckpt.prune(tmp_path, keep_last=1)
     assert ckpt.latest_complete(tmp_path) == ckpt.step_dir(tmp_path, 4)
     # step_6 belongs to the abandoned continuation: left alone, and overwritten when the run gets there
@@ -85,17 +88,17 @@ def test_prune_after_resuming_an_older_checkpoint_keeps_the_one_just_saved(tmp_p
 
 def test_write_atomic_replaces_without_leftovers(tmp_path):
     target = tmp_path / "latest"
-    ckpt.write_atomic(target, "step_1")
-    ckpt.write_atomic(target, "step_2")
+    write_atomic(target, "step_1")
+    write_atomic(target, "step_2")
     assert target.read_text() == "step_2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    torch.save(ckpt.RNGState().state_dict(), tmp_path / "rng.pt")
     first = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
-    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    ckpt.RNGState().load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == first
 
 

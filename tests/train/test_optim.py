@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmtrain.config import ConfigError
-from llmtrain.train.config import OptimConfig
-from llmtrain.train.optim import build_optimizer, classify_parameters, param_groups
+from llmtrain.errors import ConfigError
+from llmtrain.train.config import OptimConfig, check_optim_config
+from llmtrain.train.optim import adamw, classify_parameters, param_groups
 
 
 class MyRMSNorm(nn.Module):
@@ -91,7 +91,7 @@ def test_build_optimizer_applies_decay_only_to_decay_group():
     torch.manual_seed(0)
     model = TinyLM()
     cfg = OptimConfig(weight_decay=0.5, beta1=0.8, beta2=0.9, eps=1e-6)
-    opt = build_optimizer(model, cfg, lr=0.1)
+    opt = adamw(param_groups(model, cfg), cfg, lr=0.1)
     assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["eps"] == 1e-6
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # zero gradients: AdamW then moves only decayed weights, by exactly lr * wd * w
@@ -109,7 +109,7 @@ def test_fused_and_foreach_agree():
     for fused in (True, False):
         torch.manual_seed(0)
         model = TinyLM()
-        opt = build_optimizer(model, OptimConfig(), lr=1e-2, fused=fused)
+        opt = adamw(param_groups(model, OptimConfig()), OptimConfig(), lr=1e-2, fused=fused)
         for _ in range(3):
             loss = model(torch.randint(0, 11, (2, 5))).square().mean()
             loss.backward()
@@ -122,4 +122,4 @@ def test_fused_and_foreach_agree():
 
 def test_unknown_optimizer_names_the_key():
     with pytest.raises(ConfigError, match="optim.name"):
-        build_optimizer(TinyLM(), OptimConfig(name="lion"), lr=1e-3)
+        check_optim_config(OptimConfig(name="lion"))

@@ -10,9 +10,10 @@ import shutil
 import pytest
 
 from llmtrain.cli import run as cli_run
-from llmtrain.config import ConfigError, load_config
-from llmtrain.errors import CheckpointError, DataError
+from llmtrain.config import load_config
+from llmtrain.errors import CheckpointError, ConfigError, DataError
 from llmtrain.train import checkpoint as ckpt
+from llmtrain.train import manifest
 from llmtrain.train.metrics import read_metrics
 
 STEPS = 4
@@ -81,7 +82,7 @@ def test_run_writes_metrics_validation_checkpoints_and_config(reference):
             "tokens_per_s_per_device",
             "step_time_s",
             "data_wait_share",
-            "memory_gb",
+            "memory_gb_rss",  # on CPU; memory_gb_cuda_peak on a GPU
         ):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
         assert 0 <= r["data_wait_share"] < 1
@@ -99,7 +100,7 @@ def test_run_writes_metrics_validation_checkpoints_and_config(reference):
     assert (reference / "checkpoints" / "latest").read_text() == "step_4"
     state = ckpt.read_state(ckpt.step_dir(reference, 4))
     assert state["step"] == 4 and state["world_size"] == 1 and state["loader"]["next_sample"] == 32
-    assert state["wandb_run_id"]
+    assert state["metrics"]["wandb_run_id"]
 
 
 def test_resume_continues_bit_exact_in_the_same_wandb_run(reference, overrides):
@@ -109,8 +110,8 @@ def test_resume_continues_bit_exact_in_the_same_wandb_run(reference, overrides):
     assert train([*ov, f"resume={ckpt.step_dir(run_dir, 2)}"]) == 0
     expected, got = losses(reference), losses(run_dir)
     assert got == expected  # steps 1-2 kept from before the checkpoint, 3-4 recomputed bit for bit
-    run_id = ckpt.read_state(ckpt.step_dir(reference, 4))["wandb_run_id"]
-    assert ckpt.read_state(ckpt.step_dir(run_dir, 4))["wandb_run_id"] == run_id
+    run_id = ckpt.read_state(ckpt.step_dir(reference, 4))["metrics"]["wandb_run_id"]
+    assert ckpt.read_state(ckpt.step_dir(run_dir, 4))["metrics"]["wandb_run_id"] == run_id
     offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
 
@@ -137,10 +138,12 @@ def test_tokenizer_change_on_resume_is_refused(reference, overrides):
     ov = overrides("tokenizer")
     run_dir = load_config(ov).run_dir
     shutil.copytree(reference, run_dir)
-    state_file = ckpt.step_dir(run_dir, 4) / ckpt.STATE_FILE
-    state = json.loads(state_file.read_text())
-    state["tokenizer_hash"] = "0123456789ab"
-    state_file.write_text(json.dumps(state))
+    folder = ckpt.step_dir(run_dir, 4)
+    state = json.loads((folder / ckpt.STATE_FILE).read_text())
+    state["run"]["tokenizer_hash"] = "0123456789ab"
+    (folder / ckpt.STATE_FILE).write_text(json.dumps(state))
+    # a checkpoint that verifies (its manifest rewritten), but of a run with another tokenizer
+    manifest.write_manifest(folder, manifest.hash_files(folder, manifest.list_files(folder)))
     with pytest.raises(CheckpointError, match="saved with tokenizer 0123456789ab, but .*tokenizer.json has"):
         train(ov)
 
@@ -153,10 +156,11 @@ def test_missing_tokenizer_says_to_prepare(overrides, tmp_path):
 def test_consolidated_weights_and_universal_conversion(reference, overrides):
     import torch
 
+    from llmtrain.inference import load_weights
     from llmtrain.model import build_model
     from llmtrain.train import universal
 
-    weights = ckpt.load_model_state(ckpt.step_dir(reference, 4))
+    weights = load_weights(ckpt.step_dir(reference, 4))
     cfg = load_config(overrides("ref"))
     cfg.model.vocab_size = 512
     model = build_model(cfg.model)

@@ -1,0 +1,294 @@
+"""The training backend: the one object that drives DeepSpeed.
+
+Everything that touches DeepSpeed's engine, optimizer wrappers or checkpoint files goes through
+here: building the engine, forward / backward / step, the gradient norm, the learning rate, saving
+and loading a checkpoint's shards, the universal conversion between world sizes, and consolidating
+the weights of any ZeRO stage for eval and export. The trainer, the checkpoint manager and
+inference see only this interface (`TrainingBackend`), so a second backend (torch FSDP2) can be
+added beside it without touching them. No module outside `llmtrain.distributed` imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from llmtrain.config import Config
+from llmtrain.distributed.ds_config import build_ds_config, offloads_optimizer
+from llmtrain.errors import CheckpointError, ConfigError
+from llmtrain.train.optim import adamw
+
+
+class TrainingBackend(Protocol):
+    """What the trainer, the checkpoint manager and validation need from a parallelism backend."""
+
+    device: torch.device
+    training: bool
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None): ...
+    def train(self, mode: bool = True) -> None: ...
+    def eval(self) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None: ...
+    def grad_norm(self) -> float | None: ...
+    def skipped_steps(self) -> int: ...
+    def set_lr(self, lr: float) -> None: ...
+    def save(self, folder: Path, client_state: dict[str, Any]) -> None: ...
+    def load(self, folder: Path) -> None: ...
+
+
+class DeepSpeedBackend:
+    """A model wrapped in a DeepSpeed engine with our optimizer (torch AdamW, or DeepSpeed's CPU
+    Adam when ZeRO-Offload keeps the optimizer state on the host)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict],
+        cfg: Config,
+        world_size: int,
+        device: torch.device,
+        *,
+        load_universal: bool = False,
+    ):
+        import deepspeed
+
+        self.device = device
+        self.cfg = cfg
+        self.ds_config = build_ds_config(cfg, world_size, load_universal=load_universal)
+        _check_precision(self.ds_config)
+        self._weight_decays = [g["weight_decay"] for g in param_groups]
+        optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.module = model
+        # DeepSpeed records the unscaled global norm under ZeRO and in its fp16 / bf16 optimizer
+        # wrappers; fp32 ZeRO-0 steps our torch AdamW directly and records none.
+        e = self.engine
+        self._records_grad_norm = e.zero_optimization() or e.fp16_enabled() or e.bfloat16_enabled()
+        self._own_grad_norm: float | None = None
+        self._own_skips = 0
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def __call__(self, inputs, targets, doc_ids=None):
+        return self.engine(inputs, targets, doc_ids)
+
+    @property
+    def training(self) -> bool:
+        return self.engine.training
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def grads_finite(self) -> torch.Tensor:
+        """A 0-dim bool tensor on the device: every gradient held by the module is finite (no sync).
+
+        Meaningful where the module holds whole gradients (ZeRO-0); ZeRO 1-3 partition them and
+        DeepSpeed checks them itself.
+        """
+        flags = [torch.isfinite(p.grad).all() for p in self.module.parameters() if p.grad is not None]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+
+    @property
+    def checks_overflow(self) -> bool:
+        """Whether DeepSpeed itself skips a step with non-finite gradients (counted in skipped_steps)."""
+        return self.engine.zero_optimization() or self.engine.fp16_enabled() or self.engine.bfloat16_enabled()
+
+    def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None:
+        """DeepSpeed's step (it updates only at the accumulation boundary).
+
+        `skip` drops this update: gradients are released before the step, so torch's optimizer
+        leaves every parameter and its moments untouched (it skips parameters without a gradient).
+        `measure_grad_norm` records the norm where DeepSpeed records none (fp32 ZeRO-0).
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and measure_grad_norm and not self._records_grad_norm:
+            self._own_grad_norm = _local_grad_norm(self.module)
+        if boundary and skip:
+            for p in self.module.parameters():
+                p.grad = None
+            self._own_skips += 1
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm (a host read: call it at logging steps only)."""
+        if not self._records_grad_norm:
+            return self._own_grad_norm
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def skipped_steps(self) -> int:
+        """Updates skipped so far, by DeepSpeed's overflow checks or by `step(skip=True)`."""
+        return int(self.engine.skipped_steps) + self._own_skips
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (the schedule is ours, not DeepSpeed's)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, folder: Path, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its DeepSpeed shards into `folder` (it must exist)."""
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+        # ds_to_universal refuses a checkpoint without this key; plain data parallelism needs no patterns.
+        state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4}, **client_state}
+        # DeepSpeed's own `latest` is never written: it would name the folder before every rank finished.
+        self.engine.save_checkpoint(
+            str(folder.parent), tag=folder.name, client_state=state, save_latest=False
+        )
+
+    def load(self, folder: Path) -> None:
+        """Collective: model, optimizer and step counters from `folder` (verified by the caller)."""
+        load_path, _ = self.engine.load_checkpoint(
+            str(folder.parent),
+            tag=folder.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+        if load_path is None:
+            raise CheckpointError(f"{folder}: DeepSpeed found nothing to load")
+        self._repair_after_load()
+
+    def _repair_after_load(self) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), harmless on every other path.
+
+        It copies group 0's hyperparameters onto every group (the no-decay group would get weight
+        decay) and puts ONE `step` tensor into the state of every sub-group, so each optimizer step
+        advances it once per group and Adam's bias correction drifts. Found by comparing a 2-rank ->
+        1-rank resume with the uninterrupted run; with this repair they match bit for bit.
+        """
+        groups = self.engine.optimizer.param_groups
+        if len(groups) != len(self._weight_decays):
+            raise RuntimeError(
+                f"optimizer has {len(groups)} parameter groups, expected {len(self._weight_decays)}"
+            )
+        o = self.cfg.optim
+        for group, decay in zip(groups, self._weight_decays):
+            group.update(weight_decay=decay, betas=(o.beta1, o.beta2), eps=o.eps)
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+# ---------------------------------------------------------------- offline checkpoint work
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint saved with any ZeRO stage, on the CPU (verified by the caller)."""
+    if any(folder.glob("*_optim_states.pt")):
+        # DeepSpeed narrates on stdout (from its import on), where `llmtrain generate` writes samples.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        # ZeRO-0 keeps the whole module in mp_rank_00 (in the training dtype).
+        files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{folder}: no DeepSpeed model states found")
+        state = _load_model_states(files[0])["module"]
+    return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
+
+
+def _load_model_states(path: Path) -> dict[str, Any]:
+    """DeepSpeed's model-states file with `weights_only=True`; it also holds DeepSpeed's own config
+    objects, which the safe unpickler knows once DeepSpeed's classes are allow-listed."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401  (registers the classes the file refers to)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or a RuntimeError around it)
+        raise CheckpointError(
+            f"{path}: cannot be read safely ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+
+
+def convert_to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's `ds_to_universal` from `checkpoint` into the (new) folder `out`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(
+        input_folder=str(checkpoint),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            ds_to_universal.main(args)
+    except Exception as err:
+        raise CheckpointError(
+            f"{checkpoint}: universal conversion failed: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        # ds_to_universal points a `latest_universal` file at its output; we track completeness ourselves.
+        (checkpoint.parent / "latest_universal").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_precision(ds_config: dict[str, Any]) -> None:
+    """A clear error instead of DeepSpeed's traceback when the device lacks the chosen precision."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for key, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
+        if ds_config.get(key, {}).get("enabled") and not supported():
+            raise ConfigError(
+                f"train.precision={key}: not supported by this device ({accelerator.device_name()}); "
+                "use train.precision=bf16 or fp32"
+            )
+
+
+def _build_optimizer(
+    param_groups: list[dict], cfg: Config, ds_config: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """torch AdamW; DeepSpeed's CPU Adam (AdamW mode) when the optimizer state lives on the CPU.
+
+    ZeRO-Offload refuses a client torch optimizer (`zero_force_ds_cpu_optimizer`), since stepping
+    it on the host is several times slower than the vectorised CPU Adam.
+    """
+    o = cfg.optim
+    if not offloads_optimizer(ds_config):
+        return adamw(param_groups, o, o.lr)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(
+        param_groups,
+        adamw_mode=True,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+    )
+
+
+def _local_grad_norm(model: torch.nn.Module) -> float:
+    """Norm of the gradients held in the module: whole and averaged over ranks under fp32 ZeRO-0."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
