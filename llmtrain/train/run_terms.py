@@ -36,10 +36,8 @@ class RunTerms:
     data: dict[str, dict]
 
     def state_dict(self) -> dict[str, Any]:
+        """Saved under "run"; read back by `resolve_run_terms`, which decides what a resume keeps."""
         return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - terms are resolved
-        raise TypeError("RunTerms are resolved by resolve_run_terms(), not loaded in place")
 
 
 def _saved_terms(saved: dict[str, Any]) -> dict[str, Any]:
@@ -67,20 +65,32 @@ def resolve_run_terms(
     built from it afterwards sees the run's terms. Raises CheckpointError for a refused change.
     """
     notes: list[str] = []
-    if saved is None:
-        glob = cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size
-        horizon = cfg.schedule.total_steps or cfg.train.max_steps
-        cfg.schedule.total_steps = horizon
-        terms = RunTerms(
-            tokenizer_hash=tokenizer_hash,
-            vocab_size=vocab_size,
-            global_batch_size=glob,
-            lr_horizon=horizon,
-            seed=cfg.run.seed,
-            seq_len=cfg.train.seq_len,
-            data=data,
-        )
-        return terms, notes
+    if saved is not None:
+        _keep_saved_terms(cfg, saved, checkpoint, tokenizer_hash=tokenizer_hash, data=data, notes=notes)
+    else:
+        cfg.schedule.total_steps = cfg.schedule.total_steps or cfg.train.max_steps
+    terms = RunTerms(
+        tokenizer_hash=tokenizer_hash,
+        vocab_size=vocab_size,
+        global_batch_size=cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size,
+        lr_horizon=cfg.schedule.total_steps,
+        seed=cfg.run.seed,
+        seq_len=cfg.train.seq_len,
+        data=data,
+    )
+    return terms, notes
+
+
+def _keep_saved_terms(
+    cfg: Config,
+    saved: dict[str, Any],
+    checkpoint: Path | None,
+    *,
+    tokenizer_hash: str,
+    data: dict,
+    notes: list[str],
+) -> None:
+    """Refuse what must not change, and write the kept terms into `cfg`."""
     old = _saved_terms(saved)
     where = checkpoint or "the checkpoint"
     if old.get("tokenizer_hash") not in (None, tokenizer_hash):
@@ -100,7 +110,6 @@ def resolve_run_terms(
                 "sample sequence would differ. Set resume_allow_data_change=true to resume anyway"
             )
         notes.append(f"the shards changed since the checkpoint ({detail}); resuming as asked")
-
     glob = old.get("global_batch_size")
     if cfg.train.global_batch_size is None:
         # Keep the run's global batch, so a resume on another world size sees the same samples.
@@ -109,25 +118,13 @@ def resolve_run_terms(
         warnings.warn(
             f"train.global_batch_size changed from {glob} to {cfg.train.global_batch_size}: "
             "the sample sequence continues, the step size differs",
-            stacklevel=2,
+            stacklevel=3,
         )
-    glob = cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size
-
-    horizon = _resolve_horizon(cfg, old.get("lr_horizon"), int(saved["step"]), notes)
+    _resolve_horizon(cfg, old.get("lr_horizon"), int(saved["step"]), notes)
     for key, current, section in (("seed", cfg.run.seed, "run"), ("seq_len", cfg.train.seq_len, "train")):
         if key in old and old[key] != current:
             notes.append(f"{section}.{key}={current} ignored: the run was started with {old[key]}")
             setattr(getattr(cfg, section), key, old[key])
-    terms = RunTerms(
-        tokenizer_hash=tokenizer_hash,
-        vocab_size=vocab_size,
-        global_batch_size=glob,
-        lr_horizon=horizon,
-        seed=cfg.run.seed,
-        seq_len=cfg.train.seq_len,
-        data=data,
-    )
-    return terms, notes
 
 
 def _resolve_horizon(cfg: Config, saved_horizon: int | None, step: int, notes: list[str]) -> int:

@@ -66,20 +66,28 @@ def _memory_record(device: torch.device) -> dict[str, float]:
 
 class Trainer:
     def __init__(self, cfg: Config, info: runtime.DistInfo):
-        from llmtrain.data.loader import build_train_loader, build_val_loader
-        from llmtrain.data.tokenizer import tokenizer_identity
-        from llmtrain.data.verify import data_fingerprint, shards_to_verify, start_verification
-        from llmtrain.distributed.backend import DeepSpeedBackend
-        from llmtrain.model import build_model
-        from llmtrain.train.optim import param_groups
-        from llmtrain.train.run_terms import resolve_run_terms
-
         self.cfg, self.info = cfg, info
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.run_dir = cfg.run_dir
-        self.phase = "starting"
+        self.phase = "starting"  # named in the error when a collective fails
+        identity = self._check_tokenizer()
+        verification = self._start_shard_check(identity)
+        resume_from, saved = self._plan_resume(identity)
+        self._build_loaders(identity)
+        self._build_model(resume_from, load_universal=resume_from is not None and self._universal)
+        self.phase = "verifying the shards"
+        from llmtrain.data.verify import agree
 
-        # -- the data this run reads, checked in the background while the model is built
+        agree(verification.wait())  # joined only now: it overlapped the model build
+        self._restore(resume_from, saved)
+
+    # -- setup, in order ------------------------------------------------------------------------
+
+    def _check_tokenizer(self):
+        """The identity (vocab size, hash) of data.dir's tokenizer, read once for the whole start."""
+        from llmtrain.data.tokenizer import Tokenizer, tokenizer_identity
+
+        cfg = self.cfg
         identity = tokenizer_identity(cfg.data_dir)
         if cfg.model.vocab_size not in (None, identity.vocab_size):
             raise ConfigError(
@@ -87,26 +95,33 @@ class Trainer:
                 f"({cfg.data_dir}/tokenizer.json); leave it unset"
             )
         cfg.model.vocab_size = identity.vocab_size
-        if cfg.tokenizer.path:
-            from llmtrain.data.tokenizer import Tokenizer
+        # Training reads data.dir's tokenizer; a different one named here would be silently ignored.
+        if cfg.tokenizer.path and Tokenizer.load(cfg.tokenizer.path).hash != identity.hash:
+            raise ConfigError(
+                f"tokenizer.path={cfg.tokenizer.path}: not the tokenizer of {cfg.data_dir} that the shards "
+                "were made with; drop it, or `llmtrain prepare` with it into another data.dir"
+            )
+        return identity
 
-            # Training reads data.dir's tokenizer; a different one named here would be silently ignored.
-            if Tokenizer.load(cfg.tokenizer.path).hash != identity.hash:
-                raise ConfigError(
-                    f"tokenizer.path={cfg.tokenizer.path}: not the tokenizer of {cfg.data_dir} that the shards "
-                    "were made with; drop it, or `llmtrain prepare` with it into another data.dir"
-                )
-        names = [s.name for s in cfg.data.sources]
-        verification = start_verification(
-            shards_to_verify(cfg.data_dir, names),
-            mode=cfg.data.verify,
+    def _start_shard_check(self, identity):
+        from llmtrain.data.verify import shards_to_verify, start_verification
+
+        return start_verification(
+            shards_to_verify(self.cfg.data_dir, [s.name for s in self.cfg.data.sources]),
+            mode=self.cfg.data.verify,
             rank=self.rank,
             world_size=self.world,
             vocab_size=identity.vocab_size,
             tokenizer_hash=identity.hash,
         )
 
-        # -- what we resume from, and the terms the run keeps (global batch, lr horizon, ...)
+    def _plan_resume(self, identity) -> tuple[Path | None, dict | None]:
+        """The verified checkpoint to resume (or None), its state, and the run terms in force."""
+        from llmtrain.data.verify import data_fingerprint
+        from llmtrain.train import universal as uni
+        from llmtrain.train.run_terms import resolve_run_terms
+
+        cfg = self.cfg
         self.phase = "verifying the checkpoint to resume"
         resume_from = self._find_resume()
         saved = ckpt.read_state(resume_from) if resume_from is not None else None
@@ -114,7 +129,7 @@ class Trainer:
             cfg,
             tokenizer_hash=identity.hash,
             vocab_size=identity.vocab_size,
-            data=data_fingerprint(cfg.data_dir, names),
+            data=data_fingerprint(cfg.data_dir, [s.name for s in cfg.data.sources]),
             world_size=self.world,
             saved=saved,
             checkpoint=resume_from,
@@ -122,15 +137,18 @@ class Trainer:
         for note in notes:
             self._say(f"note: {note}")
         self.global_batch, self.accum = batch_layout(cfg, self.world)
-        universal = False
+        self._universal = False
         if resume_from is not None:
-            from llmtrain.train import universal as uni
-
-            universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
-            if universal:
+            self._universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
+            if self._universal:
                 self.phase = "converting the checkpoint to the universal format"
                 resume_from = uni.ensure_universal(resume_from)
+        return resume_from, saved
 
+    def _build_loaders(self, identity) -> None:
+        from llmtrain.data.loader import build_train_loader, build_val_loader
+
+        cfg = self.cfg
         self.train_loader = build_train_loader(cfg, self.rank, self.world, identity)
         self.val_loader = None
         if cfg.train.val_every > 0:
@@ -143,7 +161,13 @@ class Trainer:
                     f"{cfg.train.seq_len} tokens; set train.val_every=0, or prepare with a larger data.val_fraction"
                 )
 
-        # -- model and backend: the same initial weights on every rank, then per-rank randomness
+    def _build_model(self, resume_from: Path | None, *, load_universal: bool) -> None:
+        """The same initial weights on every rank (or `train.init_from`'s), then per-rank randomness."""
+        from llmtrain.distributed.backend import DeepSpeedBackend
+        from llmtrain.model import build_model
+        from llmtrain.train.optim import param_groups
+
+        cfg = self.cfg
         self.phase = "building the model"
         runtime.seed_everything(cfg.run.seed)
         model = build_model(cfg.model)
@@ -153,14 +177,16 @@ class Trainer:
             model.load_state_dict(load_hf_folder(cfg.train.init_from, cfg.model))
             self._say(f"initialized the weights from {cfg.train.init_from}")
         self.backend = DeepSpeedBackend(
-            model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=universal
+            model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=load_universal
         )
         runtime.seed_everything(runtime.rank_seed(cfg.run.seed, self.rank))
-        self.phase = "verifying the shards"
-        from llmtrain.data.verify import agree
 
-        agree(verification.wait())
+    def _restore(self, resume_from: Path | None, saved: dict | None) -> None:
+        """Load the checkpoint into every stateful part; write config.yaml; open the metrics."""
+        from llmtrain.io import write_atomic
+        from llmtrain.train.metrics import MetricsLogger
 
+        cfg = self.cfg
         self.guard = Guard(cfg.guard)
         self.checkpoints = ckpt.CheckpointManager(
             self.run_dir,
@@ -172,22 +198,17 @@ class Trainer:
         self.start_step = 0
         if resume_from is not None:
             self.phase = f"loading {resume_from}"
-            self.checkpoints.restore(
-                resume_from, self._resumable(), restore_rng=int(saved["world_size"]) == self.world
-            )
+            same_world = int(saved["world_size"]) == self.world
+            self.checkpoints.restore(resume_from, self._resumable(), restore_rng=same_world)
             self.start_step = int(saved["step"])
             self._say(f"resumed from {resume_from} at step {self.start_step}")
             if self.start_step >= cfg.train.max_steps:
                 self._say(f"train.max_steps={cfg.train.max_steps} already reached; nothing to do")
         if self.rank == 0:
-            from llmtrain.io import write_atomic
-
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", _config_yaml(cfg))
-
-        from llmtrain.train.metrics import MetricsLogger
-
-        wandb_id = ((saved or {}).get("metrics") or {}).get("wandb_run_id", (saved or {}).get("wandb_run_id"))
+        saved = saved or {}
+        wandb_id = (saved.get("metrics") or {}).get("wandb_run_id", saved.get("wandb_run_id"))
         self.metrics = MetricsLogger(
             cfg,
             self.run_dir,
@@ -197,7 +218,7 @@ class Trainer:
             total_steps=cfg.train.max_steps,
         )
 
-    # -- setup helpers --------------------------------------------------------------------------
+    # -- helpers --------------------------------------------------------------------------------
 
     def _say(self, message: str) -> None:
         if self.rank == 0:  # stderr, so a scheduler's error log shows it

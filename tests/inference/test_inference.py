@@ -10,6 +10,7 @@ import torch
 
 from llmtrain.cli import run as cli_run
 from llmtrain.config import load_config
+from llmtrain.errors import ConfigError
 from llmtrain.train.metrics import read_metrics
 
 TRAIN = [
@@ -107,3 +108,30 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(trained, tmp_p
     assert len(err.splitlines()) == 1 and f"export.out={precious}" in err
     assert (precious / "todo.txt").read_text() == "keep me"
     assert not precious.with_name("notes.tmp").exists()
+
+
+def test_init_from_an_export_starts_from_its_weights(trained, tmp_path):
+    """`train.init_from=<hf folder>`: a fresh run whose weights are the export's (loaded from
+    safetensors), so its loss at step 0 is the trained model's, not a random init's."""
+    from llmtrain.export import export_hf
+    from llmtrain.inference import load_checkpoint_model
+    from llmtrain.train.trainer import Trainer
+
+    out = export_hf(load_config(trained), tmp_path / "hf")
+    exported = load_checkpoint_model(load_config(trained), None, device=torch.device("cpu")).model
+    saved = dict(os.environ)
+    try:
+        from llmtrain.distributed import runtime
+
+        cfg = load_config([*trained, f"run.dir={tmp_path / 'finetune'}", f"train.init_from={out}"])
+        trainer = Trainer(cfg, runtime.init_distributed())
+        weights = trainer.backend.module.state_dict()
+        for name, tensor in exported.state_dict().items():
+            torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0, msg=name)
+        trainer.metrics.close()
+        bad = load_config([*trained, f"run.dir={tmp_path / 'bad'}", f"train.init_from={out}", "model.n_layers=3"])
+        with pytest.raises(ConfigError, match=r"train.init_from=.*: model.n_layers is 2 there but 3"):
+            Trainer(bad, runtime.init_distributed())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

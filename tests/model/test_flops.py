@@ -78,3 +78,13 @@ def test_peak_table_and_env_override(monkeypatch):
 def test_mfu():
     assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
     assert mfu(1000.0, 1e9, None) is None
+
+
+def test_mfu_is_only_reported_against_a_peak_for_the_runs_precision(monkeypatch):
+    """The table holds dense bf16/fp16 tensor-core peaks; an fp32 run has no peak to divide by."""
+    monkeypatch.delenv("LLMTRAIN_PEAK_FLOPS", raising=False)
+    assert peak_flops("NVIDIA H100 80GB HBM3", precision="fp16") == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", precision="fp32") is None
+    assert mfu(1e5, 1e9, peak_flops("NVIDIA H100 80GB HBM3", precision="fp32")) is None
+    monkeypatch.setenv("LLMTRAIN_PEAK_FLOPS", "67e12")  # the user names the peak: used as given
+    assert peak_flops("NVIDIA H100 80GB HBM3", precision="fp32") == 67e12
