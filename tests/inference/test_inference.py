@@ -129,7 +129,9 @@ def test_init_from_an_export_starts_from_its_weights(trained, tmp_path):
         for name, tensor in exported.state_dict().items():
             torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0, msg=name)
         trainer.metrics.close()
-        bad = load_config([*trained, f"run.dir={tmp_path / 'bad'}", f"train.init_from={out}", "model.n_layers=3"])
+        bad = load_config(
+            [*trained, f"run.dir={tmp_path / 'bad'}", f"train.init_from={out}", "model.n_layers=3"]
+        )
         with pytest.raises(ConfigError, match=r"train.init_from=.*: model.n_layers is 2 there but 3"):
             Trainer(bad, runtime.init_distributed())
     finally:
