@@ -38,6 +38,9 @@ class TrainingBackend(Protocol):
     def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None: ...
     def grad_norm(self) -> float | None: ...
     def skipped_steps(self) -> int: ...
+    @property
+    def checks_overflow(self) -> bool: ...
+    def grads_finite(self) -> torch.Tensor: ...
     def set_lr(self, lr: float) -> None: ...
     def save(self, folder: Path, client_state: dict[str, Any]) -> None: ...
     def load(self, folder: Path) -> None: ...
@@ -73,6 +76,9 @@ class DeepSpeedBackend:
         self._records_grad_norm = e.zero_optimization() or e.fp16_enabled() or e.bfloat16_enabled()
         self._own_grad_norm: float | None = None
         self._own_skips = 0
+        self._skip_update = False
+        if not self.checks_overflow:
+            self._make_updates_skippable()
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -109,18 +115,33 @@ class DeepSpeedBackend:
     def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None:
         """DeepSpeed's step (it updates only at the accumulation boundary).
 
-        `skip` drops this update: gradients are released before the step, so torch's optimizer
-        leaves every parameter and its moments untouched (it skips parameters without a gradient).
-        `measure_grad_norm` records the norm where DeepSpeed records none (fp32 ZeRO-0).
+        `skip` drops this update (only where DeepSpeed does not decide skips itself, see
+        `checks_overflow`). `measure_grad_norm` records the norm where DeepSpeed records none (fp32 ZeRO-0).
         """
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and measure_grad_norm and not self._records_grad_norm:
             self._own_grad_norm = _local_grad_norm(self.module)
         if boundary and skip:
-            for p in self.module.parameters():
-                p.grad = None
+            if self.checks_overflow:
+                raise RuntimeError("step(skip=True) where DeepSpeed decides skips itself")
             self._own_skips += 1
-        self.engine.step()
+        self._skip_update = boundary and skip
+        try:
+            self.engine.step()
+        finally:
+            self._skip_update = False
+
+    def _make_updates_skippable(self) -> None:
+        """Where DeepSpeed steps our torch optimizer directly (fp32 ZeRO-0), let `step(skip=True)` make
+        that one update a no-op: parameters and Adam moments untouched, DeepSpeed's counters and
+        gradient zeroing as after any step."""
+        optimizer = self.engine.optimizer
+        update = optimizer.step
+
+        def step(*args, **kwargs):
+            return None if self._skip_update else update(*args, **kwargs)
+
+        optimizer.step = step
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm (a host read: call it at logging steps only)."""

@@ -328,7 +328,7 @@ class Trainer:
             window.steps += 1
             faults.maybe_fail("step", step)
             verdict = self.guard.on_step(step, skipped=skipped)
-            if verdict.reason:
+            if verdict.reason and verdict.action == "ok":  # stop / rollback report for themselves
                 self._say(verdict.reason)
             if verdict.action != "ok":
                 step = self._act(verdict, step)
@@ -372,7 +372,7 @@ class Trainer:
                 window = _Window(loss_sum=torch.zeros((), device=device))
                 if loss is not None:
                     verdict = self.guard.on_log(step, loss)
-                    if verdict.reason:
+                    if verdict.reason and verdict.action == "ok":
                         self._say(verdict.reason)
                     if verdict.action != "ok":
                         step = self._act(verdict, step)

@@ -210,3 +210,26 @@ def test_a_precision_the_device_lacks_is_a_config_error(overrides):
         pytest.skip("this device supports fp16")
     with pytest.raises(ConfigError, match=r"train.precision=fp16: not supported by this device \(cpu\)"):
         train([*overrides("fp16"), "train.precision=fp16"])
+
+
+def test_fp32_zero0_skips_non_finite_updates_and_stops_after_five(overrides):
+    """The path where DeepSpeed checks nothing: the guard's own check skips each non-finite update
+    (weights untouched) and stops the run, non-zero, after guard.max_consecutive_skips in a row."""
+    from llmtrain.train.guard import GuardStop
+
+    ov = overrides(
+        "zero0nan",
+        "deepspeed=zero0",
+        "optim.lr=1e6",
+        "schedule=cosine",
+        "schedule.warmup_steps=0",
+        "train.max_steps=12",
+        "train.val_every=0",
+        "checkpoint.every_steps=0",
+    )
+    with pytest.raises(GuardStop, match=r"step \d+: 5 consecutive steps with a non-finite gradient norm"):
+        train(ov)
+    run_dir = load_config(ov).run_dir
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "skipped_steps" in r]
+    assert records[-1]["skipped_steps"] == 4 and records[-1]["loss"] is None  # the 5th stops before logging
+    assert not ckpt.list_checkpoints(run_dir)  # stop saves nothing
