@@ -9,7 +9,7 @@ import pytest
 
 from llmtrain.app import split_args
 from llmtrain.cli import main
-from llmtrain.config import load_config
+from llmtrain.config import CONFIG_DIR, Config, load_config
 from llmtrain.errors import ConfigError
 
 
@@ -60,3 +60,12 @@ def test_help_is_fast_and_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "prepare" in result.stdout and "export" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "choice",
+    sorted(f"{p.parent.name}={p.stem}" for p in CONFIG_DIR.glob("*/*.yaml")),
+)
+def test_every_config_group_option_composes_and_validates(choice):
+    """Each YAML of each group, over the defaults: its keys exist and every value passes the checks."""
+    assert isinstance(load_config([choice]), Config)
