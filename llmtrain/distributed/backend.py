@@ -238,8 +238,16 @@ def _load_model_states(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (or a RuntimeError around it)
         raise CheckpointError(
-            f"{path}: cannot be read safely ({type(err).__name__}: {str(err)[:200]})"
+            f"{path}: cannot be read safely ({type(err).__name__}: {_unpickling_reason(err)})"
         ) from None
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's multi-paragraph message that names what was refused (its first line only
+    suggests retrying with weights_only=False, the one thing not to do with an unverified file)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(err).__name__])[0][:200]
 
 
 def convert_to_universal(checkpoint: Path, out: Path) -> None:

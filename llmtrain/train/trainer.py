@@ -298,6 +298,7 @@ class Trainer:
         window = _Window(loss_sum=torch.zeros((), device=device))
         last_save = time.monotonic()
         saved_step = step = self.start_step
+        save_pending = False  # a periodic save waiting for an applied update (see below)
         last_checkpoint: dict[str, float] = {}  # reported with the next training record
         while step < max_steps:
             # -- one optimizer step: lr from the schedule, then accumulate over micro-batches
@@ -383,10 +384,15 @@ class Trainer:
                 self.phase = f"validation at step {step}"
                 val = evaluate(self.backend, self.val_loader, device, doc_mask=cfg.model.doc_mask)
                 self.metrics.log_val(step, val)
-            if save_now or stop_now or (step == max_steps and cfg.checkpoint.at_end):
+            # A periodic save that falls on a skipped update waits for the next applied one, so a run
+            # of non-finite steps (which the guard may stop) leaves no checkpoint past the last good step.
+            save_pending = save_pending or save_now
+            periodic = save_pending and self.guard.consecutive == 0
+            if periodic or stop_now or (step == max_steps and cfg.checkpoint.at_end):
                 saved = self._save(step)
                 last_checkpoint = {"checkpoint_s": saved["ckpt_s"], "checkpoint_gb": saved["ckpt_gb"]}
                 saved_step, last_save = step, time.monotonic()
+                save_pending = False
             window.excluded += time.perf_counter() - t0
             if stop_now:
                 self._say(f"{stop.received or 'signal'}: saved step {saved_step}, exiting")
