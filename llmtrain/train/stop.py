@@ -5,6 +5,10 @@ Python runs signal handlers only between bytecodes of the main thread, so a rank
 collective or a long checkpoint write would not see a second Ctrl-C for as long as that takes. The
 C-level handler also writes each signal's number to a wakeup pipe at once, and a watcher thread
 reading it exits the process on the second signal.
+
+A signal within `SAME_REQUEST_S` of the first is the same request, not a second one: a signal sent
+to the launcher's process group (Ctrl-C in a terminal, a scheduler's SIGTERM to every process)
+reaches each rank directly and again, milliseconds later, forwarded by DeepSpeed's launcher.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import os
 import signal
 import sys
 import threading
+import time
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SAME_REQUEST_S = 0.2
 
 
 class StopSignal:
@@ -23,6 +29,7 @@ class StopSignal:
         self.label = label
         self.received: str | None = None
         self._count = 0
+        self._first_at = 0.0
         self._lock = threading.Lock()
         self._previous: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
@@ -41,8 +48,13 @@ class StopSignal:
 
     def _note(self, signum: int) -> None:
         with self._lock:
+            now = time.monotonic()
+            if self._count == 1 and now - self._first_at < SAME_REQUEST_S:
+                return  # the launcher forwarding what the process group already delivered
             self._count += 1
             count = self._count
+            if count == 1:
+                self._first_at = now
         if count == 1:
             self.received = signal.Signals(signum).name
         elif count >= 2:

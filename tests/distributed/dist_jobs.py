@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from llmtrain.train.metrics import read_metrics
@@ -72,9 +74,9 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300):
-    """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks."""
-    cmd = [
+def launcher_cmd(overrides: list[str], *, ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus R --module llmtrain.train ...`, on a free port."""
+    return [
         str(BIN / "deepspeed"),
         "--num_gpus",
         str(ranks),
@@ -85,6 +87,11 @@ def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: i
         "llmtrain.train",
         *overrides,
     ]
+
+
+def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300):
+    """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks."""
+    cmd = launcher_cmd(overrides, ranks=ranks)
     return subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -132,3 +139,88 @@ class Runs:
                 check(deepspeed_job(ov, ranks=ranks, cwd=self.root))
             self.cache[name] = run_dir
         return self.cache[name]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+class Job:
+    """A launcher started in its own session, so its process group (id = its pid) holds it, DeepSpeed's
+    per-node launcher and every rank; output goes to `<log>.out` / `<log>.err`, readable while it runs.
+
+    The job has ended when the whole group has: the `deepspeed` runner dies at once on a signal to the
+    group, while its launcher and the ranks go on (saving, or waiting for a stalled peer).
+    """
+
+    def __init__(self, overrides: list[str], *, cwd: Path, log: Path, ranks: int = 2, **env: str):
+        self.out_path, self.err_path = log.with_suffix(".out"), log.with_suffix(".err")
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                launcher_cmd(overrides, ranks=ranks),
+                cwd=cwd,
+                env=job_env(**env),
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.pgid = self.proc.pid
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        self.proc.poll()  # reap the runner, which is our child
+        return bool(group_members(self.pgid))
+
+    def ranks(self) -> list[int]:
+        """The live rank processes (`llmtrain.train` under DeepSpeed's launcher)."""
+        found = []
+        for pid in group_members(self.pgid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-m" in argv and argv[argv.index(b"-m") + 1 :][:1] == [b"llmtrain.train"]:
+                found.append(pid)
+        return found
+
+    def signal(self, sig: int) -> None:
+        """`sig` to every process of the group (as Ctrl-C, or a scheduler, sends it)."""
+        os.killpg(self.pgid, sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the whole group to end; the runner's exit code. Kills the group on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(
+                    f"job still running after {timeout:.0f} s\n{self.stdout()[-2000:]}\n{self.stderr()[-4000:]}"
+                )
+            time.sleep(0.1)
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL whatever is left of the group (stopped processes too) and reap the runner."""
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+        self.proc.wait()
