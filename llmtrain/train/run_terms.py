@@ -69,10 +69,12 @@ def resolve_run_terms(
         _keep_saved_terms(cfg, saved, checkpoint, tokenizer_hash=tokenizer_hash, data=data, notes=notes)
     else:
         cfg.schedule.total_steps = cfg.schedule.total_steps or cfg.train.max_steps
+    # Written back, so config.yaml records the batch the run was fixed to, whatever the world size.
+    cfg.train.global_batch_size = cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size
     terms = RunTerms(
         tokenizer_hash=tokenizer_hash,
         vocab_size=vocab_size,
-        global_batch_size=cfg.train.global_batch_size or cfg.train.micro_batch_size * world_size,
+        global_batch_size=cfg.train.global_batch_size,
         lr_horizon=cfg.schedule.total_steps,
         seed=cfg.run.seed,
         seq_len=cfg.train.seq_len,

@@ -84,3 +84,10 @@ def test_a_new_seed_on_the_command_line_is_reported_and_ignored():
     cfg.run.seed = 99
     terms, notes = resolve(cfg, first_run_state(max_steps=1000))
     assert terms.seed == Config().run.seed and any("run.seed=99 ignored" in n for n in notes)
+
+
+def test_the_global_batch_is_written_back_into_the_config():
+    """config.yaml of a run records the batch it was fixed to, not `null`."""
+    cfg = config(max_steps=10)
+    resolve(cfg, world_size=2)
+    assert cfg.train.global_batch_size == 8
