@@ -209,6 +209,9 @@ for ((attempt = 1; ; attempt++)); do
         wait "$child" || rc=$?
         ((signals != seen)) || break
     done
+    # On a signal DeepSpeed's runner exits at once while its ranks still save: wait for them all, so
+    # a scheduler that sees this script end does not kill a checkpoint half-way.
+    while kill -0 -- "-$child" 2>/dev/null; do sleep 0.5; done
     child=""
     stop_if_signalled
     ((rc != 0)) || exit 0
