@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
+from trainer_runs import TINY_RUN, train
 
 from llmtrain.cli import run as cli_run
 from llmtrain.config import load_config
@@ -18,43 +18,16 @@ from llmtrain.train.metrics import read_metrics
 
 STEPS = 4
 TRAIN = [
-    "debug=cpu",
-    "model=tiny",
-    "deepspeed=zero1",
-    "train.seq_len=32",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",  # accumulation 2
-    f"train.max_steps={STEPS}",
-    "checkpoint.every_steps=2",
+    *TINY_RUN,
     "train.val_every=2",
     "train.val_batches=2",
-    "logging.every_steps=1",
-    "logging.progress=false",
-    "optim.lr=3e-3",
-    "schedule=constant",
-    "schedule.warmup_steps=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def restore_env():
-    """The trainer gives this process the env of a world of one; leave os.environ as we found it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
 def overrides(prepared_data, tmp_path_factory, restore_env):
     root = tmp_path_factory.mktemp("trainer")
     return lambda name, *extra: [*prepared_data.overrides, *TRAIN, f"run.dir={root / name}", *extra]
-
-
-def train(overrides: list[str]) -> int:
-    from llmtrain.train.trainer import main
-
-    return main(load_config(overrides))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from trainer_runs import TINY_RUN, train
 
 from llmtrain.cli import run as cli_run
 from llmtrain.config import load_config
@@ -28,31 +29,10 @@ from llmtrain.train.metrics import read_metrics
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # rank 0's ZeRO-1 optimizer shard
 TRAIN = [
-    "debug=cpu",
-    "model=tiny",
-    "deepspeed=zero1",
-    "train.seq_len=32",
-    "train.micro_batch_size=4",
-    "train.global_batch_size=8",  # accumulation 2
-    "train.max_steps=4",
-    "checkpoint.every_steps=2",
+    *TINY_RUN,
     "train.val_every=0",
-    "logging.every_steps=1",
-    "logging.progress=false",
     "logging.plot=false",
-    "optim.lr=3e-3",
-    "schedule=constant",
-    "schedule.warmup_steps=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def restore_env():
-    """The trainer gives this process the env of a world of one; leave os.environ as we found it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +43,6 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def overrides(prepared_data, root, restore_env):
     return lambda name, *extra: [*prepared_data.overrides, *TRAIN, f"run.dir={root / name}", *extra]
-
-
-def train(overrides: list[str]) -> int:
-    from llmtrain.train.trainer import main
-
-    return main(load_config(overrides))
 
 
 def run_dir_of(overrides: list[str]) -> Path:
