@@ -70,10 +70,11 @@ class DeepSpeedBackend:
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = model
-        # DeepSpeed records the unscaled global norm under ZeRO and in its fp16 / bf16 optimizer
-        # wrappers; fp32 ZeRO-0 steps our torch AdamW directly and records none.
+        # Under ZeRO and in its fp16 / bf16 optimizer wrappers DeepSpeed records the unscaled global
+        # norm and skips a non-finite step itself; fp32 ZeRO-0 steps our torch AdamW directly and does
+        # neither.
         e = self.engine
-        self._records_grad_norm = e.zero_optimization() or e.fp16_enabled() or e.bfloat16_enabled()
+        self._deepspeed_wraps_optimizer = e.zero_optimization() or e.fp16_enabled() or e.bfloat16_enabled()
         self._own_grad_norm: float | None = None
         self._own_skips = 0
         self._skip_update = False
@@ -110,7 +111,7 @@ class DeepSpeedBackend:
     @property
     def checks_overflow(self) -> bool:
         """Whether DeepSpeed itself skips a step with non-finite gradients (counted in skipped_steps)."""
-        return self.engine.zero_optimization() or self.engine.fp16_enabled() or self.engine.bfloat16_enabled()
+        return self._deepspeed_wraps_optimizer
 
     def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None:
         """DeepSpeed's step (it updates only at the accumulation boundary).
@@ -119,7 +120,7 @@ class DeepSpeedBackend:
         `checks_overflow`). `measure_grad_norm` records the norm where DeepSpeed records none (fp32 ZeRO-0).
         """
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and measure_grad_norm and not self._records_grad_norm:
+        if boundary and measure_grad_norm and not self._deepspeed_wraps_optimizer:
             self._own_grad_norm = _local_grad_norm(self.module)
         if boundary and skip:
             if self.checks_overflow:
@@ -145,7 +146,7 @@ class DeepSpeedBackend:
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm (a host read: call it at logging steps only)."""
-        if not self._records_grad_norm:
+        if not self._deepspeed_wraps_optimizer:
             return self._own_grad_norm
         norm = self.engine.get_global_grad_norm()
         if norm is None:

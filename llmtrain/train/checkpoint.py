@@ -332,10 +332,14 @@ class CheckpointManager:
             raise UserError(outcome[0])
         return {"ckpt_s": time.perf_counter() - start, "ckpt_gb": size_gb}
 
-    def restore(self, checkpoint: Path, states: dict[str, Stateful], *, restore_rng: bool) -> dict[str, Any]:
+    def restore(self, checkpoint: Path, states: dict[str, Stateful]) -> dict[str, Any]:
         """Load the backend's shards, then every stateful part, from a verified checkpoint; returns
-        the saved state (a dict of each part's state_dict, plus step and world size)."""
+        the saved state (a dict of each part's state_dict, plus step and world size).
+
+        Each rank's RNG comes back only on the world size that saved it: on another one, rank r's
+        generator state would belong to a different rank's slice of the work."""
         saved = read_state(checkpoint)
+        restore_rng = int(saved["world_size"]) == self.world_size
         self.backend.load(checkpoint)
         for name, obj in states.items():
             if name in saved:

@@ -72,9 +72,9 @@ class Trainer:
         self.phase = "starting"  # named in the error when a collective fails
         identity = self._check_tokenizer()
         verification = self._start_shard_check(identity)
-        resume_from, saved = self._plan_resume(identity)
+        resume_from, saved, universal = self._plan_resume(identity)
         self._build_loaders(identity)
-        self._build_model(resume_from, load_universal=resume_from is not None and self._universal)
+        self._build_model(resume_from, load_universal=universal)
         self.phase = "verifying the shards"
         from llmtrain.data.verify import agree
 
@@ -115,8 +115,9 @@ class Trainer:
             tokenizer_hash=identity.hash,
         )
 
-    def _plan_resume(self, identity) -> tuple[Path | None, dict | None]:
-        """The verified checkpoint to resume (or None), its state, and the run terms in force."""
+    def _plan_resume(self, identity) -> tuple[Path | None, dict | None, bool]:
+        """The verified checkpoint to resume (or None), its state, whether it loads through the
+        universal format; sets the run terms in force."""
         from llmtrain.data.verify import data_fingerprint
         from llmtrain.train import universal as uni
         from llmtrain.train.run_terms import resolve_run_terms
@@ -137,13 +138,13 @@ class Trainer:
         for note in notes:
             self._say(f"note: {note}")
         self.global_batch, self.accum = batch_layout(cfg, self.world)
-        self._universal = False
+        universal = False
         if resume_from is not None:
-            self._universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
-            if self._universal:
+            universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
+            if universal:
                 self.phase = "converting the checkpoint to the universal format"
                 resume_from = uni.ensure_universal(resume_from)
-        return resume_from, saved
+        return resume_from, saved, universal
 
     def _build_loaders(self, identity) -> None:
         from llmtrain.data.loader import build_train_loader, build_val_loader
@@ -198,8 +199,7 @@ class Trainer:
         self.start_step = 0
         if resume_from is not None:
             self.phase = f"loading {resume_from}"
-            same_world = int(saved["world_size"]) == self.world
-            self.checkpoints.restore(resume_from, self._resumable(), restore_rng=same_world)
+            self.checkpoints.restore(resume_from, self._resumable())
             self.start_step = int(saved["step"])
             self._say(f"resumed from {resume_from} at step {self.start_step}")
             if self.start_step >= cfg.train.max_steps:
@@ -447,9 +447,7 @@ class Trainer:
             raise GuardStop(
                 f"{verdict.reason}; guard.nonfinite=rollback but there is no checkpoint to roll back to"
             )
-        saved = self.checkpoints.restore(
-            target, self._resumable(), restore_rng=int(ckpt.read_state(target)["world_size"]) == self.world
-        )
+        saved = self.checkpoints.restore(target, self._resumable())
         self.guard.rollbacks = rollbacks
         skip = self.cfg.guard.skip_batches
         loader_state = self.train_loader.state_dict()
