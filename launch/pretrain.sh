@@ -171,8 +171,9 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     echo
     exit 0
 fi
-# A lock younger than 10 minutes is kept: a build on another node may be using a shared cache.
-"$PYTHON" -m llmtrain.distributed.extensions
+# Stale build locks and shared-memory segments of killed runs. A lock younger than 10 minutes is
+# kept: a build on another node may be using a shared cache.
+"$PYTHON" -m llmtrain.distributed.leftovers
 if ((MAX_RESTARTS == 0)); then
     exec "${cmd[@]}" # signals (Ctrl-C, scancel) go straight to the launcher, which stops its ranks
 fi
@@ -233,8 +234,8 @@ for ((attempt = 1; ; attempt++)); do
     run=("${cmd[@]}" resume=auto) # the newest checkpoint, also when the user named one
     if [[ "$NNODES" == 1 && -z "${HOSTFILE:-}" ]]; then
         # one node: the attempt that just ended was this job's only builder, and /proc sees all of it
-        "$PYTHON" -m llmtrain.distributed.extensions --min-age-s 0
+        "$PYTHON" -m llmtrain.distributed.leftovers --min-age-s 0
     else
-        "$PYTHON" -m llmtrain.distributed.extensions
+        "$PYTHON" -m llmtrain.distributed.leftovers
     fi
 done

@@ -26,11 +26,19 @@ tests): writes the corpus above and returns (books_dir, jsonl_path).
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# DeepSpeed's CPU communication op is built once per checkout, here: a build cache shared with other
+# checkouts (each path a different build command, so each run rebuilds) or a lock left there by a
+# build killed elsewhere must not slow or hang this suite. TORCH_EXTENSIONS_DIR, when set, wins.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions")
+)
 
 VOCAB_SIZE = 512
 SHARD_TOKENS = 12_000

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from process_groups import run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "launch" / "pretrain.sh"
@@ -39,9 +40,7 @@ def run_script(
     bins = [str(Path(sys.executable).parent)] + ([str(path_prefix)] if path_prefix else [])
     environ["PATH"] = os.pathsep.join(bins + [environ.get("PATH", "")])
     environ.update(env)
-    return subprocess.run(
-        [str(script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
-    )
+    return run_group([str(script), *args], cwd=cwd, env=environ, timeout=timeout)
 
 
 def command_of(result) -> list[str]:

@@ -20,7 +20,7 @@ a network file system, or in another PID namespace sharing the folder: the age t
 since a build that wrote nothing for 10 minutes (the default) is not running.
 
 Call `check_build_locks` once per machine before the ranks start (launch/pretrain.sh does, through
-`python -m llmtrain.distributed.extensions`). Two processes clearing at once are safe: each removes
+`python -m llmtrain.distributed.leftovers`). Two processes clearing at once are safe: each removes
 only the very file it judged stale (same inode and modification time), never a fresh lock that a new
 builder took in between.
 """
@@ -343,26 +343,3 @@ def _report_wait(lock: Path, op: str) -> None:
 
 def _say(message: str) -> None:
     print(f"llmtrain: {message}", file=sys.stderr, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m llmtrain.distributed.extensions [--check] [--min-age-s S]`: clear (or, with --check,
-    report) stale build locks; exit status 2 when --check finds one."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m llmtrain.distributed.extensions", description=main.__doc__
-    )
-    parser.add_argument("--check", action="store_true", help="report stale locks instead of removing them")
-    parser.add_argument("--min-age-s", type=float, default=600.0, help="idle time before a lock is stale")
-    args = parser.parse_args(argv)
-    try:
-        check_build_locks(clear=not args.check, min_age_s=args.min_age_s)
-    except UserError as err:
-        print(f"llmtrain: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -59,10 +59,12 @@ def init_distributed(*, timeout_s: float = 600.0, clear_stale_locks: bool = True
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    from llmtrain.distributed import extensions
+    from llmtrain.distributed import extensions, shm
 
     # A lock left by a killed build would make the op build below wait forever, in silence.
     extensions.check_build_locks(clear=clear_stale_locks)
+    if not has_gpu() and os.environ.get("LOCAL_RANK", "0") == "0":
+        shm.clear_stale_segments()  # RAM that killed CPU jobs left in /dev/shm
     import deepspeed
     import torch.distributed as dist
 
@@ -92,6 +94,9 @@ def init_distributed(*, timeout_s: float = 600.0, clear_stale_locks: bool = True
                 verbose=False,
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
+        if not has_gpu():
+            # DeepSpeed never unlinks its shared-memory allreduce segments (69 MB per rank per job).
+            shm.release_own_segment(dist.get_rank(), dist.get_world_size())
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, launched=launched)
 
 

@@ -15,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from process_groups import run_group
+
 from llmtrain.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 N = 3  # the checkpoint step; runs go to 2N
+SHM_DIR = Path("/dev/shm")
 # Tiny and fast: fp32 (bit-exact on CPU), a constant lr high enough that 6 steps visibly lower the loss.
 BASE = [
     "debug=cpu",
@@ -74,14 +77,14 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def launcher_cmd(overrides: list[str], *, ranks: int = 2) -> list[str]:
+def launcher_cmd(overrides: list[str], *, ranks: int = 2, port: int | None = None) -> list[str]:
     """`deepspeed --num_gpus R --module llmtrain.train ...`, on a free port."""
     return [
         str(BIN / "deepspeed"),
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port or free_port()),
         "--no_local_rank",
         "--module",
         "llmtrain.train",
@@ -90,15 +93,29 @@ def launcher_cmd(overrides: list[str], *, ranks: int = 2) -> list[str]:
 
 
 def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300):
-    """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks."""
-    cmd = launcher_cmd(overrides, ranks=ranks)
-    return subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks.
+
+    A job that succeeded must leave none of DeepSpeed's shared-memory segments behind (their names
+    end in `_<port>_<rank>`; llmtrain.distributed.shm); those of a failed job are removed.
+    """
+    port = free_port()
+    try:
+        result = run_group(
+            launcher_cmd(overrides, ranks=ranks, port=port), cwd=cwd, env=job_env(), timeout=timeout
+        )
+    finally:
+        left = sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        for segment in left:
+            segment.unlink(missing_ok=True)
+    if result.returncode == 0:
+        assert not left, f"the job left shared-memory segments: {[str(p) for p in left]}"
+    return result
 
 
 def single_job(overrides: list[str], *, cwd: Path, timeout: int = 300):
     """`python -m llmtrain.train ...`: one plain process, no launcher."""
     cmd = [sys.executable, "-m", "llmtrain.train", *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, cwd=cwd, env=job_env(), timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

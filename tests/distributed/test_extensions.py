@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.distributed import extensions
+from llmtrain.distributed import extensions, leftovers
 from llmtrain.distributed.extensions import (
     LOCK_NAME,
     SHM_COMM_OP,
@@ -143,8 +143,8 @@ def test_clearing_in_a_fresh_process_returns_quickly(root):
 
 def test_module_cli_checks_or_clears(root):
     lock = make_lock(root)
-    assert extensions.main(["--check"]) == 2 and lock.exists()
-    assert extensions.main([]) == 0 and not lock.exists()
+    assert leftovers.main(["--check"]) == 2 and lock.exists()
+    assert leftovers.main([]) == 0 and not lock.exists()
 
 
 def test_notice_announces_a_build_once_and_only_when_the_library_is_missing(root, capsys, monkeypatch):
