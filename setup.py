@@ -10,7 +10,7 @@ setup(
     # top-level package named `kernels` would collide with an unrelated PyPI package.
     package_dir={"llmtrain.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "deepspeed>=0.15",
         "sentencepiece>=0.2",
         "numpy>=1.24",

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llmtrain.generate:main", "sample text from a checkpoint"),
     "export": ("llmtrain.export:main", "write a checkpoint as a Hugging Face model (safetensors)"),
     "checkpoint": ("llmtrain.train.universal:main", "convert a checkpoint to DeepSpeed's universal format"),
+    "plan": (
+        "llmtrain.plan:main",
+        "memory per GPU for a model, ZeRO stage and batch; the largest micro batch that fits",
+    ),
     "config": ("llmtrain.app:print_config", "print the composed config and exit"),
 }
 
@@ -44,6 +48,8 @@ def run(command: str, argv: list[str]) -> int:
         print(f"llmtrain: unknown command {command!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     target, _ = COMMANDS[command]
+    if command == "plan":
+        argv = ["plan.json=true" if arg == "--json" else arg for arg in argv]
     return app.run(command, target, argv)
 
 

@@ -71,6 +71,18 @@ class ExportConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`llmtrain plan`: memory per GPU of the configured model, ZeRO stage, batch and sequence length."""
+
+    world_size: int = 8
+    """GPUs the job shards over (ZeRO divides model states by it)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU, GB (10^9 bytes), that the plan must fit in."""
+    json: bool = False
+    """Print one JSON object instead of the table (also `llmtrain plan --json`)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -87,6 +99,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     resume: str = "auto"
     """auto (newest checkpoint that verifies, else fresh) | none | a checkpoint folder."""
     resume_allow_data_change: bool = False
@@ -218,6 +231,8 @@ def validate(cfg: Config) -> None:
     check_guard_config(cfg.guard)
     check_logging_config(cfg.logging)
     check(bool(cfg.resume), "resume", "must be auto, none or a checkpoint folder")
+    check(cfg.plan.world_size >= 1, "plan.world_size", f"must be >= 1 (got {cfg.plan.world_size})")
+    check(cfg.plan.gpu_memory_gb > 0, "plan.gpu_memory_gb", f"must be > 0 (got {cfg.plan.gpu_memory_gb})")
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 The trainer calls `maybe_fail(point, step)` at the points below; with `LLMTRAIN_FAULT` unset that
 costs one dict lookup. The variable holds one or more comma-separated specs
-    POINT@STEP[:rank=R][:once=MARKER][:signal=NAME]
+    POINT@STEP[:rank=R][:once=MARKER][:signal=NAME | :sleep=SECONDS]
 e.g. `LLMTRAIN_FAULT=step@4:rank=1:once=/tmp/fired` kills rank 1 right after optimizer step 4, once:
 a job restarted from its checkpoint runs through.
 
@@ -11,12 +11,14 @@ a job restarted from its checkpoint runs through.
       save_shards    every rank has written its DeepSpeed files for step STEP, before the manifest
       save_manifest  the manifest of step STEP is written, before COMPLETE and `latest`
       save_latest    COMPLETE is written, before `latest` moves to step STEP
+      convert        rank 0 is about to convert the checkpoint of step STEP to the universal format
     rank=R         only the process whose RANK (environment, default 0) is R; else every rank
     once=MARKER    only if the file MARKER does not exist; it is created (O_EXCL) before the signal,
                    so exactly one process of all ranks and restarts fires. The path can hold
                    neither ":" nor ",".
     signal=NAME    KILL (default), or another signal: STOP stalls the process (a hung rank, which
                    SIGCONT resumes), TERM, INT, ...
+    sleep=SECONDS  instead of a signal, pause this long (a slow rank, e.g. a long conversion)
 
 A malformed spec or an unknown point is a UserError naming it, at the first call.
 """
@@ -26,13 +28,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmtrain.errors import UserError
 
 ENV = "LLMTRAIN_FAULT"
-POINTS = ("step", "save_shards", "save_manifest", "save_latest")
+POINTS = ("step", "save_shards", "save_manifest", "save_latest", "convert")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Fault:
     once: str | None = None
     """Marker file: fire only if it does not exist yet (and create it)."""
     signal: signal.Signals = signal.SIGKILL
+    sleep: float | None = None
+    """Seconds to pause instead of sending `signal`."""
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -54,7 +59,8 @@ def parse_faults(text: str) -> list[Fault]:
 def _parse_one(spec: str) -> Fault:
     def bad(why: str) -> UserError:
         return UserError(
-            f"{ENV}: bad fault {spec!r}: {why} (format: POINT@STEP[:rank=R][:once=PATH][:signal=NAME])"
+            f"{ENV}: bad fault {spec!r}: {why} "
+            "(format: POINT@STEP[:rank=R][:once=PATH][:signal=NAME | :sleep=SECONDS])"
         )
 
     head, *options = spec.split(":")
@@ -67,7 +73,9 @@ def _parse_one(spec: str) -> Fault:
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value or key in fields:
-            raise bad(f"option {option!r}: expected rank=R, once=PATH or signal=NAME, each once")
+            raise bad(
+                f"option {option!r}: expected rank=R, once=PATH, signal=NAME or sleep=SECONDS, each once"
+            )
         if key == "rank":
             if not value.isdigit():
                 raise bad(f"rank {value!r} is not a rank number")
@@ -79,8 +87,15 @@ def _parse_one(spec: str) -> Fault:
             if sig is None:
                 raise bad(f"unknown signal {value!r}")
             fields[key] = sig
+        elif key == "sleep":
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise bad(f"sleep {value!r} is not a number of seconds") from None
         else:
             raise bad(f"unknown option {key!r}")
+    if "signal" in fields and "sleep" in fields:
+        raise bad("signal and sleep exclude each other")
     return Fault(point=point, step=int(step), **fields)  # type: ignore[arg-type]
 
 
@@ -105,14 +120,17 @@ def maybe_fail(point: str, step: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for fault in faults:
         if fault.step == step and fault.rank in (None, rank) and _claim(fault, rank):
+            what = f"sleep {fault.sleep:g} s" if fault.sleep is not None else fault.signal.name
             print(
-                f"llmtrain: fault injection ({ENV}): {fault.signal.name} at {point}@{step} "
-                f"on rank {rank} (pid {os.getpid()})",
+                f"llmtrain: fault injection ({ENV}): {what} at {point}@{step} on rank {rank} (pid {os.getpid()})",
                 file=sys.stderr,
                 flush=True,
             )
             sys.stdout.flush()
-            os.kill(os.getpid(), fault.signal)  # KILL does not return; STOP returns on SIGCONT
+            if fault.sleep is not None:
+                time.sleep(fault.sleep)
+            else:
+                os.kill(os.getpid(), fault.signal)  # KILL does not return; STOP returns on SIGCONT
 
 
 def _claim(fault: Fault, rank: int) -> bool:

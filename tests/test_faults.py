@@ -33,6 +33,7 @@ def test_specs_parse_with_their_options():
         Fault("save_manifest", 6, signal=signal.SIGSTOP),
     ]
     assert parse_faults("save_latest@2:signal=sigterm")[0].signal is signal.SIGTERM
+    assert parse_faults("convert@3:rank=0:sleep=2.5") == [Fault("convert", 3, rank=0, sleep=2.5)]
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,8 @@ def test_specs_parse_with_their_options():
         ("step@3:rank=1:rank=2", "each once"),
         ("step@3:when=now", "unknown option 'when'"),
         ("step@3:signal=BOGUS", "unknown signal 'BOGUS'"),
+        ("step@3:sleep=long", "sleep 'long' is not a number"),
+        ("step@3:sleep=1:signal=TERM", "signal and sleep exclude each other"),
     ],
 )
 def test_malformed_spec_names_the_variable_and_the_spec(spec, why):
@@ -59,6 +62,12 @@ def test_unset_variable_never_fires(monkeypatch):
     for step in range(10):
         faults.maybe_fail("step", step)
     assert faults._plan == {}
+
+
+def test_sleep_pauses_instead_of_a_signal():
+    result = run_loop("step@2:sleep=0.5")
+    assert result.returncode == 0 and result.stdout.split() == ["1", "2", "3", "4", "5"]
+    assert "sleep 0.5 s at step@2 on rank 0" in result.stderr
 
 
 def test_process_is_killed_right_at_the_step():

@@ -43,6 +43,9 @@ class DataConfig:
     verify: str = "full"
     """Shard integrity check before training: full (checksums and token ids, split across ranks),
     size (headers and file sizes only) or off."""
+    prefetch: int = 2
+    """Train micro-batches read ahead on a background thread (pinned memory on GPU); 0 reads each
+    in the step."""
 
 
 @dataclass
@@ -89,6 +92,7 @@ def check_data_config(data: DataConfig) -> None:
     """Raise ConfigError naming the first `data.*` value that cannot work."""
     check_choice(data.on_bad_record, BAD_RECORD_ACTIONS, "data.on_bad_record")
     check_choice(data.verify, VERIFY_MODES, "data.verify")
+    check(data.prefetch >= 0, "data.prefetch", f"must be >= 0, got {data.prefetch}")
     check(0 <= data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {data.val_fraction}")
     names = [s.name for s in data.sources]
     check(len(names) == len(set(names)), "data.sources", f"source names must be unique, got {names}")

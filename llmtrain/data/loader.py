@@ -24,6 +24,7 @@ on any world size with the same global batch continues the identical sample sequ
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 import zlib
 from collections import OrderedDict
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from llmtrain.data.tokenizer import TokenizerIdentity
 
 Batch = dict[str, torch.Tensor]
+"""{"tokens": (B, T + 1) int32, "doc_ids": (B, T + 1) int32 (only when the loader was asked for them)}"""
+TOKEN_DTYPE = np.int32  # half of int64 to read, pin and copy; ids < 2**31 (shards hold uint16/uint32)
 MIX_BLOCK = 1 << 18
 _OPEN_SHARDS = 64  # memory maps kept open per stream (each holds file descriptors)
 _MIX_TAG = 0x4D4958  # keys of the mixing blocks; windows are keyed by a hash of the source name
@@ -138,10 +141,15 @@ class _Stream:
             self.readers[old].close()
         return hit
 
-    def read(self, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Windows stream[s : s + length] for each s: tokens (B, length) int64 and doc ids int32."""
-        out = np.empty((len(starts), length), dtype=np.int64)
-        marks = np.zeros((len(starts), length), dtype=np.int32)  # 1 where a document starts
+    def read(
+        self, starts: np.ndarray, length: int, *, doc_ids: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Windows stream[s : s + length] for each s: tokens (B, length) int32 and, when asked for,
+        doc ids int32 (None otherwise: they cost as much as the tokens and only doc_mask reads them)."""
+        out = np.empty((len(starts), length), dtype=TOKEN_DTYPE)
+        marks = (
+            np.zeros((len(starts), length), dtype=np.int32) if doc_ids else None
+        )  # 1 where a document starts
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
         local = starts - self.starts[shard_of]
         inside = local + length <= self.starts[shard_of + 1] - self.starts[shard_of]
@@ -151,6 +159,8 @@ class _Stream:
             tokens, offsets = self._shard(a)
             lo = local[rows]
             out[rows] = tokens[lo[:, None] + cols]
+            if marks is None:
+                continue
             # documents starting strictly inside (lo, lo + length): offsets[first:last] of each row
             first = np.searchsorted(offsets, lo, side="right")
             count = np.searchsorted(offsets, lo + length, side="left") - first
@@ -160,10 +170,12 @@ class _Stream:
                 doc = np.repeat(first, count) + np.arange(total) - run_start
                 marks[np.repeat(rows, count), offsets[doc] - np.repeat(lo, count)] = 1
         for row in np.flatnonzero(~inside).tolist():
-            self._read_across(int(starts[row]), int(shard_of[row]), out[row], marks[row])
-        return out, np.cumsum(marks, axis=1, dtype=np.int32)
+            self._read_across(
+                int(starts[row]), int(shard_of[row]), out[row], None if marks is None else marks[row]
+            )
+        return out, None if marks is None else np.cumsum(marks, axis=1, dtype=np.int32)
 
-    def _read_across(self, pos: int, a: int, out: np.ndarray, marks: np.ndarray) -> None:
+    def _read_across(self, pos: int, a: int, out: np.ndarray, marks: np.ndarray | None) -> None:
         """One window that runs over the end of shard `a` into the next ones."""
         col, length = 0, out.shape[0]
         while col < length:
@@ -171,6 +183,11 @@ class _Stream:
             local = pos - int(self.starts[a])
             take = min(length - col, tokens.shape[0] - local)
             out[col : col + take] = tokens[local : local + take]
+            if marks is None:
+                col += take
+                pos += take
+                a += 1
+                continue
             first, last = np.searchsorted(offsets, (local, local + take), side="right")
             inner = offsets[first:last]
             inner = inner[inner < local + take]  # documents starting strictly inside this piece
@@ -202,8 +219,11 @@ def _open_split(
     ]
 
 
-def _batch(tokens: np.ndarray, doc_ids: np.ndarray) -> Batch:
-    return {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(doc_ids)}
+def _batch(tokens: np.ndarray, doc_ids: np.ndarray | None) -> Batch:
+    batch = {"tokens": torch.from_numpy(tokens)}
+    if doc_ids is not None:
+        batch["doc_ids"] = torch.from_numpy(doc_ids)
+    return batch
 
 
 class TrainLoader:
@@ -222,6 +242,7 @@ class TrainLoader:
         seed: int = 1234,
         vocab_size: int | None = None,
         tokenizer_hash: str | None = None,
+        doc_ids: bool = True,
     ):
         if not sources:
             raise UserError("data.sources: no sources to load")
@@ -242,6 +263,7 @@ class TrainLoader:
         self.source_names = [_name(s) for s in sources]
         self.weights = [_weight(s) for s in sources]
         self.vocab_size = vocab_size
+        self.doc_ids = doc_ids
         self.block_counts = _apportion(self.weights, MIX_BLOCK)
         if (self.block_counts == 0).any():
             tiny = self.source_names[int(np.argmin(self.block_counts))]
@@ -265,6 +287,7 @@ class TrainLoader:
         self.windows = np.array([(s.num_tokens - 1) // seq_len for s in self.streams], dtype=np.int64)
         self._name_keys = [zlib.crc32(n.encode()) for n in self.source_names]
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._blocks_lock = threading.Lock()  # a prefetch thread reads batches while the trainer logs
         self._step_start = 0
         self._micro = 0
 
@@ -274,16 +297,19 @@ class TrainLoader:
 
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """Source of every slot of one mixing block, and its rank among that source's slots."""
-        hit = self._blocks.get(block)
+        with self._blocks_lock:
+            hit = self._blocks.get(block)
         if hit is None:
             slot = permute(np.arange(MIX_BLOCK), MIX_BLOCK, key_of(self.seed, _MIX_TAG, block))
             src = (np.searchsorted(self._block_starts, slot, side="right") - 1).astype(np.int16)
             order = np.argsort(src, kind="stable")
             rank = np.empty(MIX_BLOCK, dtype=np.int32)
             rank[order] = np.arange(MIX_BLOCK) - self._block_starts[src[order]]
-            hit = self._blocks[block] = (src, rank)
-            if len(self._blocks) > 2:  # a batch spans at most two blocks
-                self._blocks.pop(next(iter(self._blocks)))
+            hit = (src, rank)
+            with self._blocks_lock:
+                self._blocks[block] = hit
+                if len(self._blocks) > 3:  # a batch spans at most two blocks (+1: the logging thread)
+                    self._blocks.pop(next(iter(self._blocks)))
         return hit
 
     def sample_sources(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,11 +340,13 @@ class TrainLoader:
         """The batch made of the given global samples, in order (any rank can read any sample)."""
         ks = np.asarray(ks, dtype=np.int64)
         src, starts = self.window_starts(ks)
-        tokens = np.empty((len(ks), self.seq_len + 1), dtype=np.int64)
-        doc_ids = np.empty((len(ks), self.seq_len + 1), dtype=np.int32)
+        tokens = np.empty((len(ks), self.seq_len + 1), dtype=TOKEN_DTYPE)
+        doc_ids = np.empty((len(ks), self.seq_len + 1), dtype=np.int32) if self.doc_ids else None
         for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s)
-            tokens[sel], doc_ids[sel] = self.streams[s].read(starts[sel], self.seq_len + 1)
+            tokens[sel], ids = self.streams[s].read(starts[sel], self.seq_len + 1, doc_ids=self.doc_ids)
+            if doc_ids is not None:
+                doc_ids[sel] = ids
             # With data.verify=size/off nothing checked the ids; an id past the embedding table would
             # end in an index error deep inside the model (on GPU, a device assert). A max over one
             # micro-batch on the host is cheap.
@@ -332,14 +360,27 @@ class TrainLoader:
 
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank."""
-        per_rank = self.global_batch_size // self.world_size
-        first = self._step_start + self.rank * per_rank + self._micro * self.micro_batch_size
-        batch = self.read_samples(np.arange(first, first + self.micro_batch_size))
+        return self.read_samples(self.advance())
+
+    def advance(self) -> np.ndarray:
+        """The global samples of this rank's next micro-batch; moves past them."""
+        ks = self.samples_of(self._step_start, self._micro)
         self._micro += 1
         if self._micro == self.grad_accum_steps:
             self._micro = 0
             self._step_start += self.global_batch_size
-        return batch
+        return ks
+
+    def samples_of(self, step_start: int, micro: int) -> np.ndarray:
+        """The global samples of micro-batch `micro` of the step whose first global sample is `step_start`."""
+        per_rank = self.global_batch_size // self.world_size
+        first = step_start + self.rank * per_rank + micro * self.micro_batch_size
+        return np.arange(first, first + self.micro_batch_size, dtype=np.int64)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(first global sample of the current step, micro-batches of it already taken)."""
+        return self._step_start, self._micro
 
     @property
     def next_sample(self) -> int:
@@ -402,10 +443,12 @@ class ValLoader:
         max_batches: int | None = None,
         vocab_size: int | None = None,
         tokenizer_hash: str | None = None,
+        doc_ids: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.data_dir = Path(data_dir)
+        self.doc_ids = doc_ids
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.rank, self.world_size, self.max_batches = rank, world_size, max_batches
         self.source_names = [_name(s) for s in sources]
@@ -432,7 +475,7 @@ class ValLoader:
         for m in range(self.num_batches(source_name)):
             first = m * step + self.rank * self.micro_batch_size
             starts = np.arange(first, first + self.micro_batch_size, dtype=np.int64) * self.seq_len
-            yield _batch(*stream.read(starts, self.seq_len + 1))
+            yield _batch(*stream.read(starts, self.seq_len + 1, doc_ids=self.doc_ids))
 
     def bytes_per_token(self, source_name: str) -> float | None:
         """UTF-8 bytes of source text per token of the val split, when the shards recorded it."""
@@ -458,6 +501,7 @@ def build_train_loader(
         seed=cfg.data.seed,
         vocab_size=identity.vocab_size,
         tokenizer_hash=identity.hash,
+        doc_ids=cfg.model.doc_mask,
     )
 
 
@@ -475,4 +519,5 @@ def build_val_loader(
         max_batches=cfg.train.val_batches,
         vocab_size=identity.vocab_size,
         tokenizer_hash=identity.hash,
+        doc_ids=cfg.model.doc_mask,
     )

@@ -11,9 +11,7 @@ added beside it without touching them. No module outside `llmtrain.distributed` 
 from __future__ import annotations
 
 import contextlib
-import io
 import sys
-from argparse import Namespace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -251,30 +249,24 @@ def _unpickling_reason(err: Exception) -> str:
     return (named or lines or [type(err).__name__])[0][:200]
 
 
-def convert_to_universal(checkpoint: Path, out: Path) -> None:
-    """DeepSpeed's `ds_to_universal` from `checkpoint` into the (new) folder `out`."""
-    from deepspeed.checkpoint import ds_to_universal
+def convert_to_universal(checkpoint: Path, out: Path, *, workers: int = 0) -> None:
+    """DeepSpeed's `ds_to_universal` from `checkpoint` into the (new) folder `out`, with `workers`
+    processes (0 = one per core), in a child process (llmtrain.distributed.ds_universal says why)."""
+    import subprocess
 
-    args = Namespace(
-        input_folder=str(checkpoint),
-        output_folder=str(out),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):
-            ds_to_universal.main(args)
-    except Exception as err:
-        raise CheckpointError(
-            f"{checkpoint}: universal conversion failed: {type(err).__name__}: {err}"
-        ) from err
-    finally:
-        # ds_to_universal points a `latest_universal` file at its output; we track completeness ourselves.
-        (checkpoint.parent / "latest_universal").unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrain.distributed.ds_universal",
+        str(checkpoint),
+        str(out),
+        f"--workers={workers}",
+    ]
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit code {result.returncode}"
+        raise CheckpointError(f"{checkpoint}: universal conversion failed: {why}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -289,7 +281,7 @@ def _check_precision(ds_config: dict[str, Any]) -> None:
         if ds_config.get(key, {}).get("enabled") and not supported():
             raise ConfigError(
                 f"train.precision={key}: not supported by this device ({accelerator.device_name()}); "
-                "use train.precision=bf16 or fp32"
+                "use train.precision=auto, bf16 or fp32"
             )
 
 

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from llmtrain.config import Config, batch_layout
-from llmtrain.distributed.runtime import has_gpu
+from llmtrain.distributed.runtime import has_gpu, resolve_precision
 
 # DeepSpeed prints its own progress every `steps_per_print` steps; we log ourselves.
 _NEVER = 2**31 - 1
@@ -37,7 +37,7 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu()}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": has_gpu()}
-    precision = cfg.train.precision
+    precision, _ = resolve_precision(cfg.train.precision)
     config: dict[str, Any] = {
         "train_batch_size": glob,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

@@ -37,6 +37,39 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively: x86 AVX-512 BF16 or AMX-BF16, Arm's BF16 extension.
+
+    Without it torch emulates bf16 matmuls through fp32 conversions: measured ~35x slower than fp32
+    (0.9 against 31 GFLOP/s, one thread of an AMD EPYC without AVX-512 BF16).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False  # not Linux: no cheap way to tell; fp32 is never the slow choice
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """(precision, why) for `train.precision`: `auto` follows the device; the others stay as given."""
+    if requested != "auto":
+        return requested, "as set"
+    if has_gpu():
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU has no bf16; fp16 with dynamic loss scaling"
+    if cpu_has_native_bf16():
+        return "bf16", "auto: this CPU computes bf16 natively"
+    return "fp32", "auto: this CPU has no native bf16 (AVX-512 BF16 / AMX), where bf16 runs ~35x slower"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

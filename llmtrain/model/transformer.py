@@ -375,14 +375,13 @@ class Transformer(nn.Module):
     def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         V = self.vocab_size
         hidden = x.reshape(-1, x.shape[-1])  # (B*T, D)
+        targets = targets.reshape(-1).long()  # the loader's int32 ids, widened on the device
         if self.fused_ce is not None:
             # chunked: never materializes the (B*T, V) logits
-            return self.fused_ce(
-                hidden, self.lm_head.weight[:V], targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            return self.fused_ce(hidden, self.lm_head.weight[:V], targets, ignore_index=IGNORE_INDEX)
         # padding columns dropped: they are never a target and must not take softmax mass
         logits = self.lm_head(hidden)[:, :V].float()  # (B*T, vocab_size), fp32 for the log-sum-exp
-        return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     # ------------------------------------------------------------------------------------------
     # Incremental decoding.

@@ -8,7 +8,7 @@ from typing import Any
 
 from llmtrain.errors import ConfigError, check, check_choice
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "wsd", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -34,8 +34,9 @@ class TrainConfig:
     global_batch_size: int | None = None
     """Sequences per optimizer step; None = micro_batch_size x data-parallel world (no accumulation)."""
     seq_len: int = 1024
-    precision: str = "bf16"
-    """bf16 | fp16 | fp32."""
+    precision: str = "auto"
+    """auto | bf16 | fp16 | fp32. auto: bf16 on a GPU that has it (else fp16), bf16 on a CPU with native
+    bf16 (AVX-512 BF16, AMX, Arm BF16), fp32 on other CPUs, where bf16 matmuls run ~35x slower."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
     val_every: int = 200
@@ -96,6 +97,11 @@ class CheckpointConfig:
     trust_unverified: bool = False
     """Load a checkpoint that has no MANIFEST.json (made elsewhere) although its files cannot be
     verified before DeepSpeed unpickles them."""
+    convert_workers: int = 0
+    """Processes of a universal conversion (world size or ZeRO stage changed); 0 = one per core, up to 16."""
+    convert_timeout_s: float = 6 * 3600
+    """How long the other ranks wait for rank 0's universal conversion (not train.collective_timeout_s:
+    a 7B conversion takes minutes)."""
 
 
 @dataclass
@@ -229,6 +235,12 @@ def check_checkpoint_config(ckpt: CheckpointConfig) -> None:
     check(ckpt.every_steps >= 0, "checkpoint.every_steps", "must not be negative (0 disables)")
     minutes = ckpt.every_minutes
     check(minutes is None or minutes > 0, "checkpoint.every_minutes", f"must be positive, got {minutes}")
+    check(ckpt.convert_workers >= 0, "checkpoint.convert_workers", "must not be negative (0 = one per core)")
+    check(
+        ckpt.convert_timeout_s > 0,
+        "checkpoint.convert_timeout_s",
+        f"must be positive, got {ckpt.convert_timeout_s}",
+    )
 
 
 def check_logging_config(log: LoggingConfig) -> None:

@@ -70,6 +70,7 @@ class Trainer:
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.run_dir = cfg.run_dir
         self.phase = "starting"  # named in the error when a collective fails
+        self._choose_precision()
         identity = self._check_tokenizer()
         verification = self._start_shard_check(identity)
         resume_from, saved, universal = self._plan_resume(identity)
@@ -82,6 +83,18 @@ class Trainer:
         self._restore(resume_from, saved)
 
     # -- setup, in order ------------------------------------------------------------------------
+
+    def _choose_precision(self) -> None:
+        """`train.precision=auto` becomes what the device runs fastest; said in the run's first lines."""
+        cfg = self.cfg
+        precision, why = runtime.resolve_precision(cfg.train.precision)
+        cfg.train.precision = precision  # config.yaml and the MFU show what ran
+        self._say(f"precision {precision} ({why})")
+        if precision == "bf16" and self.device.type == "cpu" and not runtime.cpu_has_native_bf16():
+            self._say(
+                "WARNING: train.precision=bf16 on a CPU without native bf16: matmuls run ~35x slower "
+                "than fp32; train.precision=auto picks fp32 here"
+            )
 
     def _check_tokenizer(self):
         """The identity (vocab size, hash) of data.dir's tokenizer, read once for the whole start."""
@@ -143,7 +156,11 @@ class Trainer:
             universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
             if universal:
                 self.phase = "converting the checkpoint to the universal format"
-                resume_from = uni.ensure_universal(resume_from)
+                resume_from = uni.ensure_universal(
+                    resume_from,
+                    workers=cfg.checkpoint.convert_workers,
+                    timeout_s=cfg.checkpoint.convert_timeout_s,
+                )
         return resume_from, saved, universal
 
     def _build_loaders(self, identity) -> None:
@@ -151,6 +168,11 @@ class Trainer:
 
         cfg = self.cfg
         self.train_loader = build_train_loader(cfg, self.rank, self.world, identity)
+        if cfg.data.prefetch:
+            from llmtrain.data.prefetch import Prefetcher
+
+            pin = self.device.type == "cuda"
+            self.train_loader = Prefetcher(self.train_loader, depth=cfg.data.prefetch, pin_memory=pin)
         self.val_loader = None
         if cfg.train.val_every > 0:
             self.val_loader = build_val_loader(cfg, self.rank, self.world, identity)
@@ -283,6 +305,8 @@ class Trainer:
         finally:
             stop.restore()
             self.metrics.close()
+            if hasattr(self.train_loader, "close"):
+                self.train_loader.close()
 
     def _loop(self, stop) -> int:
         from llmtrain.model.flops import flops_per_token, mfu, peak_flops

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from llmtrain import faults
 from llmtrain.config import Config
 from llmtrain.distributed.backend import convert_to_universal
 from llmtrain.errors import CheckpointError
@@ -40,8 +41,8 @@ def needs_universal(state: dict[str, Any], world_size: int, zero_stage: int, pat
     return True
 
 
-def convert(checkpoint: Path) -> Path:
-    """Write `<checkpoint>_universal/` (once, with its own manifest); return it.
+def convert(checkpoint: Path, *, workers: int = 0) -> Path:
+    """Write `<checkpoint>_universal/` (once, with its own manifest) with `workers` processes; return it.
 
     The source must have been verified by the caller: the conversion unpickles its files.
     """
@@ -59,7 +60,7 @@ def convert(checkpoint: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     try:
-        convert_to_universal(checkpoint, tmp)
+        convert_to_universal(checkpoint, tmp, workers=workers)
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,19 +73,30 @@ def convert(checkpoint: Path) -> Path:
     return out
 
 
-def ensure_universal(checkpoint: Path) -> Path:
-    """Collective: rank 0 converts (if not done yet), every rank gets the path or the same error."""
+def ensure_universal(checkpoint: Path, *, workers: int = 0, timeout_s: float = 6 * 3600) -> Path:
+    """Collective: rank 0 converts (if not done yet), every rank gets the path or the same error.
+
+    The other ranks wait in a collective of a process group of its own, whose timeout is
+    `timeout_s` (checkpoint.convert_timeout_s) rather than the job's train.collective_timeout_s: a
+    conversion at 7B takes minutes, longer than a stalled rank should be allowed to hang a step.
+    """
+    import datetime
+
     import torch.distributed as dist
 
     if checkpoint.name.endswith(ckpt.UNIVERSAL_SUFFIX):
         return checkpoint
+    # gloo whatever the training backend: an object broadcast on the host, no device memory
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     result: list[Any] = [None]
     if dist.get_rank() == 0:
+        faults.maybe_fail("convert", int(ckpt.read_state(checkpoint)["step"]))
         try:
-            result[0] = str(convert(checkpoint))
+            result[0] = str(convert(checkpoint, workers=workers))
         except CheckpointError as err:
             result[0] = err
-    dist.broadcast_object_list(result, src=0)
+    dist.broadcast_object_list(result, src=0, group=group)
+    dist.destroy_process_group(group)
     if isinstance(result[0], CheckpointError):
         raise result[0]
     return Path(result[0])
@@ -94,6 +106,6 @@ def main(cfg: Config) -> int:
     """`llmtrain checkpoint [run.name=...] [resume=<checkpoint>]`: convert to the universal format."""
     which = None if cfg.resume in ("auto", "none") else cfg.resume
     source = ckpt.resolve_checkpoint(cfg.run_dir, which, trust_unverified=cfg.checkpoint.trust_unverified)
-    out = convert(source)
+    out = convert(source, workers=cfg.checkpoint.convert_workers)
     print(f"llmtrain checkpoint: {out}")
     return 0

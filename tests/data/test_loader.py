@@ -98,8 +98,14 @@ def test_permute_is_a_bijection_and_depends_on_key():
 
 def test_batch_shapes_and_dtypes(data):
     batch = make_loader(data[0]).next_batch()
-    assert batch["tokens"].dtype == torch.int64 and batch["tokens"].shape == (2, T + 1)
+    assert batch["tokens"].dtype == torch.int32 and batch["tokens"].shape == (2, T + 1)
     assert batch["doc_ids"].dtype == torch.int32 and batch["doc_ids"].shape == (2, T + 1)
+    # without doc_mask nothing reads the document ids: they are not built
+    plain = make_loader(data[0], doc_ids=False).next_batch()
+    assert set(plain) == {"tokens"} and torch.equal(plain["tokens"], batch["tokens"])
+    many = np.arange(3000)  # windows across shard boundaries too
+    with_ids = make_loader(data[0]).read_samples(many)["tokens"]
+    assert torch.equal(make_loader(data[0], doc_ids=False).read_samples(many)["tokens"], with_ids)
 
 
 def test_windows_are_stream_slices_on_the_window_grid(data):
@@ -332,3 +338,80 @@ def test_build_rejects_shards_of_another_tokenizer(data, tmp_path):
     (other / "shards").symlink_to(data[0] / "shards")
     with pytest.raises(DataError, match=r"train_00000\.idx: shard was written by tokenizer ffff"):
         build_train_loader(make_config(other), 0, 1)
+
+
+# -- read ahead on a thread (llmtrain.data.prefetch) ----------------------------------------------
+
+
+def prefetched(data_dir, depth=3, **kw):
+    from llmtrain.data.prefetch import Prefetcher
+
+    return Prefetcher(make_loader(data_dir, **kw), depth=depth)
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetch_hands_out_the_loaders_batches_and_state(data):
+    """Rank 1 of 2 with accumulation 2: the same batches, and a state that counts only what was taken."""
+    kw = dict(rank=1, world_size=2, micro_batch_size=2, global_batch_size=8)
+    plain, ahead = make_loader(data[0], **kw), prefetched(data[0], **kw)
+    for i in range(13):
+        assert same(ahead.next_batch(), plain.next_batch()), i
+        assert ahead.state_dict() == plain.state_dict()
+    assert ahead.grad_accum_steps == 2 and ahead.next_sample == plain.next_sample
+    ahead.close()
+
+
+def test_prefetch_restarts_where_a_rollback_puts_the_loader(data):
+    ahead = prefetched(data[0])
+    for _ in range(5):
+        ahead.next_batch()  # the thread has read beyond these
+    state = ahead.state_dict()
+    state["next_sample"] += 3 * 8  # a rollback that skips three steps
+    ahead.load_state_dict(state)
+    fresh = make_loader(data[0])
+    fresh.load_state_dict(state)
+    for _ in range(6):
+        assert same(ahead.next_batch(), fresh.next_batch())
+    ahead.close()
+
+
+def test_a_read_error_surfaces_at_the_batch_that_failed_and_stops_the_thread(data, monkeypatch):
+    import threading
+
+    ahead = prefetched(data[0])
+    real, calls = ahead.loader.read_samples, []
+
+    def read(ks):
+        calls.append(int(ks[0]))
+        if len(calls) == 3:
+            raise DataError("shard x: token id 99 >= vocab size 10")
+        return real(ks)
+
+    monkeypatch.setattr(ahead.loader, "read_samples", read)
+    ahead.next_batch()
+    ahead.next_batch()
+    with pytest.raises(DataError, match="token id 99"):
+        ahead.next_batch()
+    assert not [t for t in threading.enumerate() if t.name == "llmtrain-prefetch"]
+
+
+def test_close_stops_a_thread_waiting_for_room(data):
+    import threading
+
+    ahead = prefetched(data[0], depth=1)
+    ahead.next_batch()
+    ahead.close()
+    assert not [t for t in threading.enumerate() if t.name == "llmtrain-prefetch"]
+    assert ahead.state_dict()["next_sample"] == 8  # one micro-batch of a step: the step counts as taken
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a GPU")
+def test_prefetch_pins_batches_for_the_gpu(data):
+    from llmtrain.data.prefetch import Prefetcher
+
+    ahead = Prefetcher(make_loader(data[0]), depth=2, pin_memory=True)
+    assert all(t.is_pinned() for t in ahead.next_batch().values())
+    ahead.close()

@@ -92,7 +92,7 @@ def launcher_cmd(overrides: list[str], *, ranks: int = 2, port: int | None = Non
     ]
 
 
-def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300):
+def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: int = 300, **env: str):
     """`deepspeed --num_gpus R --module llmtrain.train ...` on CPU ranks.
 
     A job that succeeded must leave none of DeepSpeed's shared-memory segments behind (their names
@@ -100,9 +100,8 @@ def deepspeed_job(overrides: list[str], *, ranks: int = 2, cwd: Path, timeout: i
     """
     port = free_port()
     try:
-        result = run_group(
-            launcher_cmd(overrides, ranks=ranks, port=port), cwd=cwd, env=job_env(), timeout=timeout
-        )
+        cmd = launcher_cmd(overrides, ranks=ranks, port=port)
+        result = run_group(cmd, cwd=cwd, env=job_env(**env), timeout=timeout)
     finally:
         left = sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         for segment in left:

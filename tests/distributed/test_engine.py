@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmtrain.config import load_config
+from llmtrain.distributed import runtime
 from llmtrain.distributed.ds_config import build_ds_config, deep_merge, offloads_optimizer
 from llmtrain.errors import ConfigError
 
@@ -42,6 +43,32 @@ def test_precision_and_loss_scaling():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     ds = build_ds_config(make("train.precision=fp32"), 1)
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+SAPPHIRE_RAPIDS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+NEOVERSE_V2 = "processor\t: 0\nFeatures\t: fp asimd sve sve2 bf16 i8mm\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert not runtime.cpu_has_native_bf16(EPYC)
+    assert runtime.cpu_has_native_bf16(SAPPHIRE_RAPIDS)
+    assert runtime.cpu_has_native_bf16(NEOVERSE_V2)
+    assert not runtime.cpu_has_native_bf16("")
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    assert make().train.precision == "fp32"  # debug=cpu sets it; the default is auto
+    assert load_config([]).train.precision == "auto"
+    real = runtime.cpu_has_native_bf16
+    monkeypatch.setattr(runtime, "has_gpu", lambda: False)
+    for flags, expected in ((EPYC, "fp32"), (SAPPHIRE_RAPIDS, "bf16")):
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda flags=flags: real(flags))
+        precision, why = runtime.resolve_precision("auto")
+        assert precision == expected and why.startswith("auto: this CPU")
+        ds = build_ds_config(make("train.precision=auto"), 1)
+        assert ds["bf16"]["enabled"] is (expected == "bf16") and not ds["fp16"]["enabled"]
+    assert runtime.resolve_precision("bf16") == ("bf16", "as set")
 
 
 def test_offload_settings():

@@ -97,13 +97,24 @@ def test_resume_on_one_rank_continues_bit_exact(runs, stage):
 
 
 def test_save_on_one_rank_resume_on_two_continues_bit_exact(runs):
-    """1 rank -> 2 ranks with ZeRO-2; the 1-rank run itself equals the 2-rank run from scratch."""
+    """1 rank -> 2 ranks with ZeRO-2; the 1-rank run itself equals the 2-rank run from scratch.
+
+    The conversion (2 worker processes) is made to outlast train.collective_timeout_s: rank 1 waits
+    for it under checkpoint.convert_timeout_s instead, and the job goes on.
+    """
     one = runs.reference(2, ranks=1)
     two = runs.reference(2, ranks=2)
     assert losses(one) == losses(two)
     run_dir = copy_run(one, runs.root / "resume_z2_1to2")
     resume = ckpt.step_dir(run_dir, N)
-    check(deepspeed_job(runs.overrides(run_dir, "deepspeed.zero_stage=2", f"resume={resume}"), cwd=runs.root))
+    slow = [
+        "train.collective_timeout_s=15",
+        "checkpoint.convert_workers=2",
+        "checkpoint.convert_timeout_s=300",
+    ]
+    overrides = runs.overrides(run_dir, "deepspeed.zero_stage=2", f"resume={resume}", *slow)
+    result = check(deepspeed_job(overrides, cwd=runs.root, LLMTRAIN_FAULT=f"convert@{N}:rank=0:sleep=20"))
+    assert f"sleep 20 s at convert@{N} on rank 0" in result.stderr
     expected, got = losses(two), losses(run_dir)
     for step in range(N + 1, STEPS + 1):
         assert got[step] == expected[step], (step, got[step], expected[step])

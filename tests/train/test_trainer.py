@@ -176,6 +176,16 @@ def test_validation_without_a_full_batch_is_refused_before_training(overrides):
     assert not (load_config(ov).run_dir / "metrics.jsonl").exists()
 
 
+def test_auto_precision_is_resolved_said_and_recorded(overrides, capsys):
+    from llmtrain.distributed import runtime
+
+    ov = overrides("auto", "train.precision=auto", "train.max_steps=1", "train.val_every=0")
+    assert train(ov) == 0
+    expected, why = runtime.resolve_precision("auto")
+    assert f"llmtrain train: precision {expected} ({why})" in capsys.readouterr().err
+    assert f"precision: {expected}" in (load_config(ov).run_dir / "config.yaml").read_text()
+
+
 def test_a_precision_the_device_lacks_is_a_config_error(overrides):
     from deepspeed.accelerator import get_accelerator
 
