@@ -85,15 +85,15 @@ class Trainer:
     # -- setup, in order ------------------------------------------------------------------------
 
     def _choose_precision(self) -> None:
-        """`train.precision=auto` becomes what the device runs fastest; said in the run's first lines."""
+        """`train.precision=auto` becomes what the device runs fastest (before anything reads it)."""
         cfg = self.cfg
         precision, why = runtime.resolve_precision(cfg.train.precision)
         cfg.train.precision = precision  # config.yaml and the MFU show what ran
-        self._say(f"precision {precision} ({why})")
+        self.precision_note = f"precision {precision} ({why})"  # said when training starts
         if precision == "bf16" and self.device.type == "cpu" and not runtime.cpu_has_native_bf16():
-            self._say(
-                "WARNING: train.precision=bf16 on a CPU without native bf16: matmuls run ~35x slower "
-                "than fp32; train.precision=auto picks fp32 here"
+            self.precision_note += (
+                "; WARNING: bf16 on a CPU without native bf16: matmuls run ~35x slower than fp32 "
+                "(train.precision=auto picks fp32 here)"
             )
 
     def _check_tokenizer(self):
@@ -318,6 +318,7 @@ class Trainer:
         tokens_per_step = self.global_batch * cfg.train.seq_len
         own_check = not self.backend.checks_overflow
 
+        self._say(self.precision_note)
         self.backend.train()
         window = _Window(loss_sum=torch.zeros((), device=device))
         last_save = time.monotonic()

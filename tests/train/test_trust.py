@@ -59,8 +59,12 @@ def losses(run_dir: Path) -> dict[int, float | None]:
 
 
 def one_line(capsys) -> str:
-    """The only line this command printed on stderr."""
-    lines = capsys.readouterr().err.strip().splitlines()
+    """The only line this command printed on stderr (besides the precision a started run announces)."""
+    lines = [
+        line
+        for line in capsys.readouterr().err.strip().splitlines()
+        if not line.startswith("llmtrain train: precision ")
+    ]
     assert len(lines) == 1, lines
     return lines[0]
 
