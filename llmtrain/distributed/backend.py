@@ -269,6 +269,44 @@ def convert_to_universal(checkpoint: Path, out: Path, *, workers: int = 0) -> No
         raise CheckpointError(f"{checkpoint}: universal conversion failed: {why}")
 
 
+def build_partitioned_model(cfg: Config, world_size: int) -> torch.nn.Module:
+    """ZeRO-3's model built with every parameter partitioned across the ranks as it is created
+    (`deepspeed.zero.Init`): a rank holds 1/world of the weights, plus one module's at a time while
+    our initialization writes them (`Transformer.reset_parameters(gathered=...)`, same draws in the
+    same order as the eager build, so the same weights bit for bit)."""
+    import deepspeed
+
+    from llmtrain.model.transformer import Transformer
+
+    with deepspeed.zero.Init(config_dict_or_path=build_ds_config(cfg, world_size)):
+        model = Transformer(cfg.model, init_weights=False)
+    model.reset_parameters(gathered=_gathered_for_writing)
+    if cfg.model.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def load_into_partitioned(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)` for a zero.Init model, one parameter whole at a time."""
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under both names
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ConfigError(
+            f"train.init_from: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            with _gathered_for_writing([param]):
+                param.copy_(state[name])
+
+
+def _gathered_for_writing(params: list[torch.nn.Parameter]):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -11,10 +11,12 @@ Everything else (tying, dropout, init, padding, masking, checkpointing) is share
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -270,7 +272,9 @@ class KVCache:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, init_weights: bool = True):
+        """`init_weights=False` leaves our initialization to a later `reset_parameters(gathered=...)`:
+        a model built with its parameters partitioned (ZeRO-3's zero.Init) has nothing to write into yet."""
         super().__init__()
         check_model_config(cfg)
         self.cfg = cfg
@@ -286,27 +290,38 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.fused_ce = kernels.get("fused_ce")
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, gathered: Callable[[list[nn.Parameter]], Any] | None = None) -> None:
         """N(0, init_std) weights, zero biases, unit norms; residual projections scaled by
-        1/sqrt(2*n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        1/sqrt(2*n_layers) so the residual stream's variance does not grow with depth (GPT-2).
+
+        `gathered(params)`, when given, is a context manager that makes partitioned parameters whole
+        while inside (and keeps what was written): one module's at a time, in the same order and with
+        the same random draws as the eager build, so both give the same weights bit for bit.
+        """
+        whole = gathered or (lambda params: contextlib.nullcontext())
         std = self.cfg.init_std
         for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, RMSNorm | LayerNorm):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
+            with whole(list(module.parameters(recurse=False))):
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
+                if isinstance(module, RMSNorm | LayerNorm):
+                    nn.init.ones_(module.weight)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
-        self.tok_emb.weight[self.vocab_size :].zero_()
-        self.lm_head.weight[self.vocab_size :].zero_()
+            for weight in (block.attn.proj.weight, block.mlp.down.weight):
+                with whole([weight]):
+                    nn.init.normal_(weight, mean=0.0, std=residual_std)
+        for weight in (self.tok_emb.weight, self.lm_head.weight):
+            with whole([weight]):
+                weight[self.vocab_size :].zero_()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters, not counting the vocabulary's padding rows (never used).

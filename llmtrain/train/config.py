@@ -78,6 +78,9 @@ class ScheduleConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
+    partitioned_init: bool = True
+    """ZeRO-3: build the model with its parameters partitioned from the start (deepspeed.zero.Init), so
+    no rank ever holds the whole model; the same initial weights as the eager build, bit for bit."""
     offload_optimizer: bool = False
     offload_params: bool = False
     loss_scale_window: int = 1000

@@ -29,6 +29,12 @@ def _is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith("norm")
 
 
+def _ndim(param: nn.Parameter) -> int:
+    """The parameter's own rank: under ZeRO-3's zero.Init its data is an empty 1-D partition and the
+    real shape is `ds_shape` (reading `.ndim` would put every matrix in the no-decay group)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def classify_parameters(model: nn.Module) -> dict[str, str]:
     """{parameter name: "embedding" | "norm" | "bias" | "matrix"} over trainable parameters.
 
@@ -49,9 +55,9 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
             continue
         if id(param) in embedding_ids:
             kinds[name] = "embedding"
-        elif id(param) in norm_ids or (param.ndim == 1 and not name.endswith("bias")):
+        elif id(param) in norm_ids or (_ndim(param) == 1 and not name.endswith("bias")):
             kinds[name] = "norm"
-        elif param.ndim <= 1:
+        elif _ndim(param) <= 1:
             kinds[name] = "bias"
         else:
             kinds[name] = "matrix"

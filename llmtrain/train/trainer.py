@@ -193,11 +193,22 @@ class Trainer:
         cfg = self.cfg
         self.phase = "building the model"
         runtime.seed_everything(cfg.run.seed)
-        model = build_model(cfg.model)
+        partitioned = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.partitioned_init
+        if partitioned:
+            from llmtrain.distributed.backend import build_partitioned_model
+
+            model = build_partitioned_model(cfg, self.world)
+        else:
+            model = build_model(cfg.model)
         if cfg.train.init_from and resume_from is None:
+            from llmtrain.distributed.backend import load_into_partitioned
             from llmtrain.model.hf import load_hf_folder
 
-            model.load_state_dict(load_hf_folder(cfg.train.init_from, cfg.model))
+            weights = load_hf_folder(cfg.train.init_from, cfg.model)
+            if partitioned:
+                load_into_partitioned(model, weights)
+            else:
+                model.load_state_dict(weights)
             self._say(f"initialized the weights from {cfg.train.init_from}")
         self.backend = DeepSpeedBackend(
             model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=load_universal

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from dist_jobs import (
     ROOT,
     N,
@@ -52,6 +53,24 @@ def test_loss_falls_and_checkpoints_are_complete(runs, stage):
     assert loss[STEPS] < loss[1] - 0.3, loss
     assert all(isinstance(g, float) and g > 0 for g in grad_norms(run_dir).values())
     assert_complete_checkpoints(run_dir, world_size=2)
+
+
+def test_zero3_partitioned_build_trains_exactly_like_the_eager_build(runs):
+    """zero.Init (the default at ZeRO-3) against the whole model built on every rank first: the same
+    initial weights, so the same losses, norms and checkpointed weights, bit for bit."""
+    from llmtrain.inference import load_weights
+
+    partitioned = runs.reference(3)
+    run_dir = runs.root / "ref_z3_eager"
+    check(
+        deepspeed_job(
+            runs.overrides(run_dir, "deepspeed.zero_stage=3", "deepspeed.partitioned_init=false"),
+            cwd=runs.root,
+        )
+    )
+    assert losses(run_dir) == losses(partitioned) and grad_norms(run_dir) == grad_norms(partitioned)
+    eager_w, part_w = load_weights(ckpt.step_dir(run_dir, N)), load_weights(ckpt.step_dir(partitioned, N))
+    assert eager_w.keys() == part_w.keys() and all(torch.equal(eager_w[k], part_w[k]) for k in eager_w)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
