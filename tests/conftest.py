@@ -40,6 +40,30 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions")
 )
 
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's CPU communication op before the first test, outside every test's timeout.
+
+    Its first build takes one to three minutes on 2 cores; inside a test it would count against that
+    test's limit, and a test killed at its limit would leave the build half done.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    from llmtrain.distributed.extensions import SHM_COMM_OP, extensions_root
+
+    if (
+        importlib.util.find_spec("deepspeed") is None
+        or (extensions_root() / SHM_COMM_OP / f"{SHM_COMM_OP}.so").exists()
+    ):
+        return
+    print(f"conftest: building DeepSpeed's {SHM_COMM_OP} op into {extensions_root()} (once per checkout)...")
+    code = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=1800, capture_output=True)
+
+
 VOCAB_SIZE = 512
 SHARD_TOKENS = 12_000
 

@@ -7,9 +7,11 @@ their cores and shared memory, and slow every later test of the session.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
+import time
 
 
 def run_group(cmd: list[str], *, timeout: float, **popen) -> subprocess.CompletedProcess:
@@ -31,5 +33,22 @@ def run_group(cmd: list[str], *, timeout: float, **popen) -> subprocess.Complete
 
 
 def kill_group(pgid: int) -> None:
+    """SIGKILL the whole session; then remove the build lock it may have left (it was the builder:
+    the suite builds DeepSpeed's op in its own TORCH_EXTENSIONS_DIR, see conftest.py)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+    _wait_gone(pgid)
+    from llmtrain.distributed.extensions import check_build_locks
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        check_build_locks(clear=True, min_age_s=0)
+
+
+def _wait_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)

@@ -171,6 +171,7 @@ def test_slurm_script_maps_slurm_variables(tmp_path):
     assert cmd[-1] == "model=tiny"
 
 
+@pytest.mark.timeout(900)  # two real launches; slow on a loaded 2-core machine
 @pytest.mark.multiprocess
 def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path):
     """The real launcher end to end: 2 gloo ranks, then an extended run resumes and appends."""
@@ -186,11 +187,11 @@ def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path
         "schedule.total_steps=8",
     ]
     env = {"DS_ACCELERATOR": "cpu", "NPROC_PER_NODE": "2", "MASTER_PORT": "29641"}
-    first = run_script(PRETRAIN, *common, "train.max_steps=4", cwd=tmp_path, **env)
+    first = run_script(PRETRAIN, *common, "train.max_steps=4", cwd=tmp_path, timeout=360, **env)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "launch"
     before = read_jsonl(run_dir / "metrics.jsonl")
-    second = run_script(PRETRAIN, *common, "train.max_steps=8", cwd=tmp_path, **env)
+    second = run_script(PRETRAIN, *common, "train.max_steps=8", cwd=tmp_path, timeout=360, **env)
     assert second.returncode == 0, second.stderr[-3000:]
     records = read_jsonl(run_dir / "metrics.jsonl")
     # the resumed run kept the first run's records (timings differ between runs, so a rerun from
@@ -313,6 +314,7 @@ def test_launcher_clears_a_stale_build_lock_first(tmp_path):
     assert f"llmtrain: removed stale build lock {lock}" in result.stderr and not lock.exists()
 
 
+@pytest.mark.timeout(900)  # two real launches; slow on a loaded 2-core machine
 @pytest.mark.multiprocess
 def test_pretrain_sh_restarts_after_a_killed_rank(prepared_data, tmp_path):
     """Rank 1 is killed right after step 4 (once); the restart resumes from step 3 and finishes."""

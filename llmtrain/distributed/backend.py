@@ -66,8 +66,17 @@ class DeepSpeedBackend:
         _check_precision(self.ds_config)
         self._weight_decays = [g["weight_decay"] for g in param_groups]
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
+        if cfg.deepspeed.zero_stage == 3 and getattr(model, "fused_ce", None) is not None:
+            # The fused loss reads lm_head.weight without calling lm_head: ZeRO-3 gathers a module's
+            # parameters only around its own forward, so tell it the model's forward uses this one.
+            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = model
+        if cfg.model.compile:
+            # DeepSpeed's route: the whole module, compiled after its ZeRO hooks are installed.
+            from deepspeed.accelerator import get_accelerator
+
+            self.engine.compile(backend=get_accelerator().get_compile_backend())
         # Under ZeRO and in its fp16 / bf16 optimizer wrappers DeepSpeed records the unscaled global
         # norm and skips a non-finite step itself; fp32 ZeRO-0 steps our torch AdamW directly and does
         # neither.
@@ -281,9 +290,6 @@ def build_partitioned_model(cfg: Config, world_size: int) -> torch.nn.Module:
     with deepspeed.zero.Init(config_dict_or_path=build_ds_config(cfg, world_size)):
         model = Transformer(cfg.model, init_weights=False)
     model.reset_parameters(gathered=_gathered_for_writing)
-    if cfg.model.compile:
-        for block in model.blocks:
-            block.compile()
     return model
 
 

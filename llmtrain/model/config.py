@@ -39,6 +39,8 @@ class ModelConfig:
     """Attend only within each packed document (block-diagonal causal mask; positions restart)."""
     activation_checkpointing: bool = False
     compile: bool = False
+    """torch.compile: in training the whole model through DeepSpeed (`engine.compile()`, after ZeRO's
+    hooks are in place); elsewhere (eval, generate) each block in place."""
     kernels: list[str] = field(default_factory=list)
     """Fused Triton kernels to use where available: rmsnorm, swiglu, fused_ce."""
 

@@ -11,6 +11,7 @@ checkpoint manager as a `state_dict()`.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -198,8 +199,8 @@ class Trainer:
             from llmtrain.distributed.backend import build_partitioned_model
 
             model = build_partitioned_model(cfg, self.world)
-        else:
-            model = build_model(cfg.model)
+        else:  # compiled later, by the backend, through DeepSpeed
+            model = build_model(dataclasses.replace(cfg.model, compile=False))
         if cfg.train.init_from and resume_from is None:
             from llmtrain.distributed.backend import load_into_partitioned
             from llmtrain.model.hf import load_hf_folder
