@@ -7,10 +7,12 @@ then its losses and grad norms must equal those of an uninterrupted run bit for 
 counts (COMPLETE) must verify against its manifest.
 
 The kill moments are drawn from a seeded generator; the seed is printed and set with
-LLMTRAIN_FAULT_SEED to replay a failure. The default suite runs one chain of kills (a shard-to-manifest
-kill, a COMPLETE-to-`latest` kill, a mid-step kill, then the whole process group killed from outside
-at a random moment); `pytest -m slow tests/distributed/test_fault_injection.py` runs 26 trials, each
-on a fresh run: 20 over point x step x victim, 4 kills of the whole job, 2 single SIGTERMs.
+LLMTRAIN_FAULT_SEED to replay a failure. `pytest -m slow tests/distributed/test_fault_injection.py`
+runs one chain of kills on one run folder (a shard-to-manifest kill, a COMPLETE-to-`latest` kill, a
+mid-step kill, then the whole process group killed from outside at a random moment) and 26 trials,
+each on a fresh run: 20 over point x step x victim, 4 kills of the whole job, 2 single SIGTERMs. The
+default suite keeps the stalled-rank and second-signal tests here, and a killed rank restarted by
+launch/pretrain.sh (tests/test_launch.py).
 """
 
 from __future__ import annotations
@@ -177,9 +179,10 @@ def kill_at_random_moment(runs, run_dir: Path, name: str, rng: random.Random, af
     return expected
 
 
-# -- the default suite --------------------------------------------------------------------------------
+# -- the chain (slow) and the default suite ---------------------------------------------------------
 
 
+@pytest.mark.slow  # 3 min of the 20-minute CI budget; the launcher's restart test kills a rank by default
 @pytest.mark.multiprocess
 def test_killed_ranks_and_job_resume_to_the_same_losses_bit_for_bit(runs):
     """One run folder, killed again and again: between shards and manifest, between COMPLETE and
