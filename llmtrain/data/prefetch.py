@@ -11,10 +11,10 @@ consumed, never what was read ahead. An error while reading (a corrupt shard) is
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any
-
 
 from llmtrain.data.loader import Batch, TrainLoader
 
@@ -64,10 +64,8 @@ class Prefetcher:
             return
         self._stop.set()
         while self._thread.is_alive():
-            try:  # unblock a producer waiting for room
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting for room
                 self._queue.get(timeout=_STOP_POLL_S)
-            except queue.Empty:
-                pass
         self._thread = self._queue = self._stop = None
 
     def _start(self) -> None:
