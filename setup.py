@@ -25,6 +25,10 @@ setup(
         "parquet": ["pyarrow>=14"],
         "tensorboard": ["tensorboard>=2.14"],
         "gpu": ["triton>=3.0"],
+        # Downstream tasks (`llmtrain eval eval.tasks=[...]`) through lm-evaluation-harness.
+        "eval": ["lm_eval>=0.4.8", "sacrebleu>=2.3"],
+        # The `clean` stage of `llmtrain prepare` (dedup, quality filters, decontamination).
+        "clean": ["datatrove[processing]>=0.6"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -33,6 +37,9 @@ setup(
             "triton>=3.0; platform_system == 'Linux'",
             "pyarrow>=14",
             "tensorboard>=2.14",
+            "lm_eval>=0.4.8",
+            "sacrebleu>=2.3",
+            "datatrove[processing]>=0.6",
         ],
     },
     entry_points={"console_scripts": ["llmtrain=llmtrain.cli:main"]},
