@@ -13,36 +13,6 @@ from llmtrain.config import load_config
 from llmtrain.errors import ConfigError
 from llmtrain.train.metrics import read_metrics
 
-TRAIN = [
-    "debug=cpu",
-    "model=tiny",
-    "train.seq_len=32",
-    "train.micro_batch_size=4",
-    "train.max_steps=6",
-    "train.val_every=6",
-    "train.val_batches=2",
-    "checkpoint.every_steps=6",
-    "logging.every_steps=3",
-    "logging.progress=false",
-    "optim.lr=3e-3",
-    "schedule.warmup_steps=1",
-]
-
-
-@pytest.fixture(scope="module")
-def trained(prepared_data, tmp_path_factory):
-    """One short run; the trainer sets the env of a world of one, restored afterwards."""
-    from llmtrain.train.trainer import main
-
-    saved = dict(os.environ)
-    overrides = [*prepared_data.overrides, *TRAIN, f"run.dir={tmp_path_factory.mktemp('inference') / 'run'}"]
-    try:
-        assert main(load_config(overrides)) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return overrides
-
 
 def test_eval_reproduces_the_trainers_validation_loss(trained, capsys):
     """Same checkpoint, same validation batches: the plain model must give the engine's loss."""
