@@ -20,7 +20,7 @@ import torch
 from llmtrain.config import Config
 from llmtrain.distributed.ds_config import build_ds_config, offloads_optimizer
 from llmtrain.errors import CheckpointError, ConfigError
-from llmtrain.train.optim import adamw
+from llmtrain.train.optim import adamw, lr_scales
 
 
 class TrainingBackend(Protocol):
@@ -64,7 +64,17 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.ds_config = build_ds_config(cfg, world_size, load_universal=load_universal)
         _check_precision(self.ds_config)
-        self._weight_decays = [g["weight_decay"] for g in param_groups]
+        # Each group's own settings, restored after a load (see _repair_after_load), and its lr as a
+        # multiple of optim.lr (Muon's groups run at optim.muon_lr), applied by set_lr.
+        o = cfg.optim
+        self._group_settings = [
+            {**({} if g.get("use_muon") else {"betas": (o.beta1, o.beta2), "eps": o.eps}), **g}
+            for g in param_groups
+        ]
+        for settings in self._group_settings:
+            del settings["params"]
+            settings.pop("lr", None)
+        self._lr_scales = lr_scales(param_groups, cfg.optim)
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
         if cfg.deepspeed.zero_stage == 3 and getattr(model, "fused_ce", None) is not None:
             # The fused loss reads lm_head.weight without calling lm_head: ZeRO-3 gathers a module's
@@ -165,9 +175,10 @@ class DeepSpeedBackend:
         return int(self.engine.skipped_steps) + self._own_skips
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every parameter group (the schedule is ours, not DeepSpeed's)."""
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        """Set every parameter group's learning rate from the schedule's lr(step) (the schedule is
+        ours, not DeepSpeed's): lr itself, or for Muon's groups lr * optim.muon_lr / optim.lr."""
+        for group, scale in zip(self.engine.optimizer.param_groups, self._lr_scales, strict=True):
+            group["lr"] = lr * scale
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -199,18 +210,17 @@ class DeepSpeedBackend:
         """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), harmless on every other path.
 
         It copies group 0's hyperparameters onto every group (the no-decay group would get weight
-        decay) and puts ONE `step` tensor into the state of every sub-group, so each optimizer step
+        decay, an AdamW group Muon's tag) and puts ONE `step` tensor into the state of every sub-group, so each optimizer step
         advances it once per group and Adam's bias correction drifts. Found by comparing a 2-rank ->
         1-rank resume with the uninterrupted run; with this repair they match bit for bit.
         """
         groups = self.engine.optimizer.param_groups
-        if len(groups) != len(self._weight_decays):
+        if len(groups) != len(self._group_settings):
             raise RuntimeError(
-                f"optimizer has {len(groups)} parameter groups, expected {len(self._weight_decays)}"
+                f"optimizer has {len(groups)} parameter groups, expected {len(self._group_settings)}"
             )
-        o = self.cfg.optim
-        for group, decay in zip(groups, self._weight_decays):
-            group.update(weight_decay=decay, betas=(o.beta1, o.beta2), eps=o.eps)
+        for group, settings in zip(groups, self._group_settings):
+            group.update(settings)  # weight decay, betas, eps; Muon's use_muon, momentum, ns_method
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         for state in getattr(inner, "state", {}).values():
             if torch.is_tensor(state.get("step")):
@@ -338,6 +348,8 @@ def _build_optimizer(
     it on the host is several times slower than the vectorised CPU Adam.
     """
     o = cfg.optim
+    if o.name == "muon":
+        return _muon(param_groups)
     if not offloads_optimizer(ds_config):
         return adamw(param_groups, o, o.lr)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -349,6 +361,27 @@ def _build_optimizer(
         betas=(o.beta1, o.beta2),
         eps=o.eps,
         weight_decay=o.weight_decay,
+    )
+
+
+def _muon(param_groups: list[dict]) -> torch.optim.Optimizer:
+    """DeepSpeed's MuonWithAuxAdam over groups tagged `use_muon` (llmtrain.train.optim), with torch's
+    AdamW stepping the other half.
+
+    Handed to deepspeed.initialize as an optimizer object, not as `"optimizer": {"type": "Muon"}`:
+    DeepSpeed then tags every 2-D parameter whose name lacks "embed" / "lm_head" for Muon, which
+    would put our token embedding (`tok_emb`) under Muon without a word. Its ZeRO 1/2/3 and bf16
+    wrappers recognize the optimizer by its class and run the Newton-Schulz step on whole matrices
+    (gathered across partitions); at ZeRO-0 it runs inside the optimizer's own step.
+    """
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
+    return MuonWithAuxAdam(
+        param_groups,
+        adam_optimizer=torch.optim.AdamW,
+        adam_optimizer_kwargs={"fused": True} if fused else {"foreach": True},
+        adam_w_mode=True,
     )
 
 

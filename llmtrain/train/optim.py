@@ -1,8 +1,13 @@
-"""AdamW parameter groups: weight decay on weight matrices only.
+"""Optimizer parameter groups: which parameters decay, and (optim=muon) which ones Muon updates.
 
 Decaying norm gains, biases and embedding rows pulls them toward zero for no regularisation benefit
 (the usual GPT-2 / Llama recipe), so they go into a no-decay group unless
 `optim.decay_norms_and_biases` / `optim.decay_embeddings` ask otherwise.
+
+Muon orthogonalizes the update of a weight matrix that maps one hidden space to another; the token
+embedding (a lookup table: each row sees only its own tokens' gradient) and the output head (a
+classifier over the vocabulary) are not such maps, and norms and biases are vectors, so all of those
+stay with AdamW (Jordan et al. 2024; Liu et al. 2025, "Muon is Scalable for LLM Training").
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ def _ndim(param: nn.Parameter) -> int:
 
 
 def classify_parameters(model: nn.Module) -> dict[str, str]:
-    """{parameter name: "embedding" | "norm" | "bias" | "matrix"} over trainable parameters.
+    """{parameter name: "embedding" | "norm" | "bias" | "head" | "matrix"} over trainable parameters.
+
+    "head" is an untied output projection (`model.lm_head`); "matrix" every other weight matrix.
 
     A weight shared between modules (tied input embedding and output head) appears once, under its
     first name, and counts as an embedding if any module holding it is an nn.Embedding.
@@ -49,6 +56,8 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
             embedding_ids.update(map(id, own))
         elif _is_norm_module(module):
             norm_ids.update(map(id, own))
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     kinds: dict[str, str] = {}
     for name, param in model.named_parameters():  # de-duplicates tied parameters
         if not param.requires_grad:
@@ -59,6 +68,8 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
             kinds[name] = "norm"
         elif _ndim(param) <= 1:
             kinds[name] = "bias"
+        elif id(param) in head_ids:
+            kinds[name] = "head"
         else:
             kinds[name] = "matrix"
     return kinds
@@ -70,11 +81,13 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     Empty groups are left out (a model without biases and norms has one group). Order follows
     `model.named_parameters()`, so every rank builds identical groups.
     """
+    if optim.name == "muon":
+        return muon_param_groups(model, optim)
     params = dict(model.named_parameters())
     decay, no_decay = [], []
     for name, kind in classify_parameters(model).items():
         decays = (
-            kind == "matrix"
+            kind in ("matrix", "head")
             or (kind == "embedding" and optim.decay_embeddings)
             or (kind in ("norm", "bias") and optim.decay_norms_and_biases)
         )
@@ -84,6 +97,53 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
     return [g for g in groups if g["params"]]
+
+
+def muon_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Groups for DeepSpeed's MuonWithAuxAdam, each tagged `use_muon` (and every parameter with it).
+
+    Muon: the hidden matrices, at optim.muon_lr. AdamW: the output head and (with decay_embeddings)
+    the embeddings with weight decay, the rest without, at optim.lr. Every group carries its own lr,
+    so the schedule scales them together (see `lr_scales`).
+    """
+    params = dict(model.named_parameters())
+    muon, decay, no_decay = [], [], []
+    for name, kind in classify_parameters(model).items():
+        if kind == "matrix":
+            muon.append(params[name])
+        elif (
+            kind == "head"
+            or (kind == "embedding" and optim.decay_embeddings)
+            or (kind in ("norm", "bias") and optim.decay_norms_and_biases)
+        ):
+            decay.append(params[name])
+        else:
+            no_decay.append(params[name])
+    adam = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "use_muon": False}
+    groups = [
+        {
+            "params": muon,
+            "name": "muon",
+            "use_muon": True,
+            "lr": optim.muon_lr,
+            "momentum": optim.muon_momentum,
+            "weight_decay": optim.muon_weight_decay,
+            "ns_method": optim.muon_ns_method,
+        },
+        {"params": decay, "name": "adam_decay", "weight_decay": optim.weight_decay, **adam},
+        {"params": no_decay, "name": "adam_no_decay", "weight_decay": 0.0, **adam},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for group in groups:
+        for param in group["params"]:
+            # DeepSpeed's ZeRO optimizers read the tag from the parameter itself.
+            param.use_muon = group["use_muon"]
+    return groups
+
+
+def lr_scales(groups: list[dict], optim: OptimConfig) -> list[float]:
+    """Each group's peak lr as a multiple of optim.lr: the schedule's lr(step) times it is the group's lr."""
+    return [g.get("lr", optim.lr) / optim.lr for g in groups]
 
 
 def adamw(

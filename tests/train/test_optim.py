@@ -123,3 +123,58 @@ def test_fused_and_foreach_agree():
 def test_unknown_optimizer_names_the_key():
     with pytest.raises(ConfigError, match="optim.name"):
         check_optim_config(OptimConfig(name="lion"))
+
+
+def muon_groups_of(**model_overrides):
+    from llmtrain.model import build_model
+    from llmtrain.model.config import ModelConfig
+
+    model = build_model(ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, **model_overrides))
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.04, weight_decay=0.1, muon_weight_decay=0.01)
+    return model, cfg, param_groups(model, cfg)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_muon_takes_hidden_matrices_only_and_tags_every_parameter(tied):
+    """The embedding is 2-D too, and DeepSpeed's own tagging (names without "embed") would give it to
+    Muon; ours keeps it, the head, the norms and the biases with AdamW."""
+    model, cfg, groups = muon_groups_of(tie_embeddings=tied, bias=True)
+    by_name = {g["name"]: names_of(model, g) for g in groups}
+    assert by_name["muon"] == sorted(
+        f"blocks.0.{m}.weight" for m in ("attn.qkv", "attn.proj", "mlp.gate", "mlp.up", "mlp.down")
+    )
+    assert ("lm_head.weight" in by_name.get("adam_decay", [])) is not tied
+    assert "tok_emb.weight" in by_name["adam_no_decay"]
+    assert all(n.endswith("bias") or "norm" in n or "emb" in n for n in by_name["adam_no_decay"])
+    muon, *adam = groups
+    assert (muon["lr"], muon["weight_decay"], muon["momentum"]) == (0.04, 0.01, 0.95)
+    assert all(g["lr"] == 1e-3 and g["use_muon"] is False for g in adam)
+    for group in groups:
+        assert all(p.use_muon is group["use_muon"] for p in group["params"])
+    from llmtrain.train.optim import lr_scales
+
+    assert lr_scales(groups, cfg) == pytest.approx([40.0] + [1.0] * len(adam))
+
+
+def test_muon_optimizer_orthogonalizes_and_adam_half_steps():
+    """DeepSpeed's MuonWithAuxAdam as the backend builds it, stepped directly (what ZeRO-0 does)."""
+    from llmtrain.distributed.backend import _muon
+
+    torch.manual_seed(0)
+    model, cfg, groups = muon_groups_of()
+    opt = _muon(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = model(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16)))
+    loss.backward()
+    opt.step()
+    up = (model.blocks[0].mlp.up.weight - before["blocks.0.mlp.up.weight"]).double()
+    s = torch.linalg.svdvals(up / (1 - 0.04 * 0.01))  # minus the decay, about lr * sqrt(rows / cols)
+    assert float(s.max() / s.min()) < 2.5
+    changed = model.tok_emb.weight.detach() - before["tok_emb.weight"]
+    assert changed.abs().max() == pytest.approx(1e-3, rel=0.05)  # Adam's first step: lr * sign(grad)
+
+
+def test_muon_config_checks_name_the_key():
+    for key, value in (("muon_lr", 0.0), ("muon_momentum", 1.0), ("muon_ns_method", "svd")):
+        with pytest.raises(ConfigError, match=f"optim.{key}"):
+            check_optim_config(OptimConfig(name="muon", **{key: value}))
