@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from llmtrain.errors import ConfigError
 
 KERNEL_NAMES = ("rmsnorm", "swiglu", "fused_ce")
+ACTIVATIONS = ("swiglu", "gelu", "relu2")
 
 
 @dataclass
@@ -22,7 +23,24 @@ class ModelConfig:
     n_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; None = n_heads (1 = multi-query)."""
     ffn_hidden: int | None = None
-    """MLP width; None = 4*d_model (gpt2) or the Llama rule 2/3*4*d_model rounded up to 256."""
+    """MLP width; None = 4*d_model (gelu, relu2) or the Llama rule 2/3*4*d_model rounded up to 256 (swiglu)."""
+    activation: str | None = None
+    """MLP: swiglu (gated SiLU; Shazeer 2020) | gelu (tanh GELU, GPT-2) | relu2 (squared ReLU, not gated;
+    So et al. 2021 "Primer", the modded-nanogpt speedruns). None = the family's (llama: swiglu, gpt2: gelu)."""
+    qk_norm: bool = False
+    """RMSNorm (with a gain) on each head's queries and keys before the dot product, bounding the
+    attention logits (Dehghani et al. 2023, ViT-22B; OLMo 2; Qwen3)."""
+    logit_softcap: float | None = None
+    """Output logits become c * tanh(logits / c) (Gemma 2, 2024; modded-nanogpt uses 15-30): no logit
+    can run away. None = off."""
+    zero_init_head: bool = False
+    """Start the (untied) output head at zero, so the first predictions are uniform (modded-nanogpt)."""
+    zero_init_proj: bool = False
+    """Start each block's residual projections (attention out, MLP down) at zero: every block begins as
+    the identity (modded-nanogpt; Bachlechner et al. 2020, ReZero)."""
+    z_loss: float = 0.0
+    """Training adds z_loss * mean(logsumexp(logits)^2), pulling the softmax normalizer toward 1 (PaLM,
+    Chowdhery et al. 2022: 1e-4). Validation reports the cross-entropy alone."""
     max_seq_len: int = 256
     vocab_size: int | None = None
     """Taken from the tokenizer when None."""
@@ -54,10 +72,16 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def mlp_activation(self) -> str:
+        if self.activation is not None:
+            return self.activation
+        return "gelu" if self.arch == "gpt2" else "swiglu"
+
+    @property
     def ffn_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.arch == "gpt2":
+        if self.mlp_activation != "swiglu":
             return 4 * self.d_model
         return 256 * math.ceil(int(2 * 4 * self.d_model / 3) / 256)
 
@@ -119,9 +143,34 @@ def check_model_config(cfg: ModelConfig, *, need_vocab: bool = True) -> None:
     check(cfg.norm_eps > 0, "norm_eps", f"must be positive, got {cfg.norm_eps}")
     check(cfg.rope_theta > 0, "rope_theta", f"must be positive, got {cfg.rope_theta}")
     check(cfg.init_std > 0, "init_std", f"must be positive, got {cfg.init_std}")
+    check(
+        cfg.activation is None or cfg.activation in ACTIVATIONS,
+        "activation",
+        f"unknown activation {cfg.activation!r}; choose from {', '.join(ACTIVATIONS)}",
+    )
+    cap = cfg.logit_softcap
+    check(cap is None or cap > 0, "logit_softcap", f"must be positive (or null for off), got {cap}")
+    check(cfg.z_loss >= 0, "z_loss", f"must not be negative, got {cfg.z_loss}")
+    check(
+        not (cfg.zero_init_head and cfg.tie_embeddings),
+        "zero_init_head",
+        "needs model.tie_embeddings=false (a tied head is the token embedding: zero would erase the inputs)",
+    )
     for name in cfg.kernels:
         check(
             name in KERNEL_NAMES, "kernels", f"unknown kernel {name!r}; choose from {', '.join(KERNEL_NAMES)}"
         )
         if name in ("rmsnorm", "swiglu"):
             check(cfg.arch == "llama", "kernels", f"{name} applies to arch=llama only (arch is {cfg.arch})")
+        if name == "swiglu":
+            check(
+                cfg.mlp_activation == "swiglu",
+                "kernels",
+                f"swiglu needs model.activation=swiglu (it is {cfg.mlp_activation})",
+            )
+        if name == "fused_ce":
+            check(
+                cap is None and cfg.z_loss == 0,
+                "kernels",
+                "fused_ce computes the plain cross-entropy: it cannot apply model.logit_softcap or model.z_loss",
+            )

@@ -41,9 +41,12 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 def to_hf(state_dict: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(HF state dict, HF config dict) for LlamaForCausalLM (arch=llama) or GPT2LMHeadModel (gpt2).
 
-    A tied output projection is left out of the state dict, as in HF's own checkpoints.
+    A tied output projection is left out of the state dict, as in HF's own checkpoints. A model option
+    that neither class can represent is refused, naming the key (training-only options such as
+    z_loss and the zero inits do not change the function and export as they are).
     """
     check_model_config(cfg)
+    check_exportable(cfg)
     if cfg.arch == "llama":
         return _llama_to_hf(state_dict, cfg), llama_config_dict(cfg)
     if cfg.kv_heads != cfg.n_heads:
@@ -52,6 +55,23 @@ def to_hf(state_dict: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Te
             f"(n_kv_heads={cfg.kv_heads}, n_heads={cfg.n_heads}); export as arch=llama instead"
         )
     return _gpt2_to_hf(state_dict, cfg), gpt2_config_dict(cfg)
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """ConfigError naming the first model.* option that LlamaForCausalLM / GPT2LMHeadModel lack."""
+    target = "LlamaForCausalLM" if cfg.arch == "llama" else "GPT2LMHeadModel"
+    if cfg.qk_norm:
+        raise ConfigError(f"model.qk_norm: {target} has no query/key norms; train without it to export")
+    if cfg.logit_softcap is not None:
+        raise ConfigError(
+            f"model.logit_softcap: {target} has no logit soft-capping; train without it to export"
+        )
+    native = "swiglu" if cfg.arch == "llama" else ("gelu", "relu2")
+    if cfg.mlp_activation not in native:
+        raise ConfigError(
+            f"model.activation={cfg.mlp_activation}: {target}'s MLP is "
+            f"{'gated SiLU (swiglu)' if cfg.arch == 'llama' else 'not gated (gelu or relu2)'}"
+        )
 
 
 def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -89,7 +109,7 @@ def gpt2_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
         "n_inner": cfg.ffn_dim,
-        "activation_function": "gelu_new",
+        "activation_function": "relu2" if cfg.mlp_activation == "relu2" else "gelu_new",
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -213,8 +233,8 @@ def _llama_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
 
 def _gpt2_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"activation_function: {act!r} is not supported (gelu_new)")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "relu2"):
+        raise ConfigError(f"activation_function: {act!r} is not supported (gelu_new, relu2)")
     if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
         raise ConfigError(
             "scale_attn_weights / scale_attn_by_inverse_layer_idx: only the standard 1/sqrt(d) scale"
@@ -227,6 +247,7 @@ def _gpt2_config(hf: dict[str, Any], vocab_multiple: int) -> ModelConfig:
         n_heads=hf["n_head"],
         n_kv_heads=None,
         ffn_hidden=hf.get("n_inner") or 4 * d_model,
+        activation="relu2" if act == "relu2" else None,
         max_seq_len=hf["n_positions"],
         vocab_size=hf["vocab_size"],
         vocab_multiple=vocab_multiple,

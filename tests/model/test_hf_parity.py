@@ -59,6 +59,7 @@ CASES = [
     pytest.param(llama_cfg(bias=True, n_kv_heads=8), id="llama-bias"),
     pytest.param(gpt2_cfg(), id="gpt2-tied"),
     pytest.param(gpt2_cfg(tie_embeddings=False), id="gpt2-untied"),
+    pytest.param(gpt2_cfg(activation="relu2", tie_embeddings=False), id="gpt2-relu2"),
 ]
 
 
@@ -157,3 +158,25 @@ def test_unsupported_conversions_name_the_key():
     scaled = {**cfg_dict, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}
     with pytest.raises(ConfigError, match="rope_type"):
         from_hf({}, scaled)
+
+
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        (llama_cfg(qk_norm=True), "model.qk_norm"),
+        (gpt2_cfg(logit_softcap=30.0), "model.logit_softcap"),
+        (llama_cfg(activation="relu2"), "model.activation"),
+        (gpt2_cfg(activation="swiglu"), "model.activation"),
+    ],
+)
+def test_options_transformers_cannot_represent_are_refused_by_name(cfg, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_hf(build_model(cfg).state_dict(), cfg)
+
+
+def test_training_only_options_export_unchanged():
+    cfg = llama_cfg(z_loss=1e-4, zero_init_proj=True)
+    plain = llama_cfg()
+    ours = build_model(cfg)
+    randomize(ours, seed=3)
+    assert to_hf(ours.state_dict(), cfg)[1] == to_hf(ours.state_dict(), plain)[1]
