@@ -212,6 +212,7 @@ def test_killed_ranks_and_job_resume_to_the_same_losses_bit_for_bit(runs):
     assert_equals_reference(run_dir, ref, f"seed {SEED}: {'; '.join(map(str, faults))}; external kill")
 
 
+@pytest.mark.slow  # ~130 s of the CI budget (start, 3 steps, the 20 s timeout, teardown)
 @pytest.mark.multiprocess
 def test_stalled_rank_fails_the_job_within_the_collective_timeout(runs):
     """Rank 1 stops (SIGSTOP) after step 3: rank 0's next collective times out, rank 0 exits naming
