@@ -15,8 +15,12 @@ from llmtrain import app
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("llmtrain.data.prepare:main", "train the tokenizer and tokenize the corpus into shards"),
     "train": ("llmtrain.train.trainer:main", "pretrain (one process, or every rank under `deepspeed`)"),
-    "eval": ("llmtrain.eval.evaluate:main", "validation loss / perplexity / bits per byte of a checkpoint"),
+    "eval": (
+        "llmtrain.eval.evaluate:main",
+        "validation loss / perplexity / bits per byte of a checkpoint; downstream tasks with eval.tasks=[...]",
+    ),
     "generate": ("llmtrain.generate:main", "sample text from a checkpoint"),
+    "chat": ("llmtrain.chat:main", "talk with a fine-tuned checkpoint in the terminal (streaming)"),
     "export": ("llmtrain.export:main", "write a checkpoint as a Hugging Face model (safetensors)"),
     "checkpoint": ("llmtrain.train.universal:main", "convert a checkpoint to DeepSpeed's universal format"),
     "plan": (

@@ -45,13 +45,86 @@ SCHEMA_NAME = "llmtrain_schema"
 
 @dataclass
 class GenerateConfig:
+    """`llmtrain generate`: continue prompts with a checkpoint (docs/generation.md)."""
+
     prompt: str = "def "
+    """The prompt; `-` reads one prompt (the whole of stdin). Ignored when prompt_file is set."""
+    prompt_file: str | None = None
+    """A file of prompts: one per line, or JSONL lines `{"prompt": "..."}`; blank lines are skipped."""
     max_new_tokens: int = 64
+    """Tokens to add at most (fewer where the prompt leaves less room in model.max_seq_len)."""
     temperature: float = 0.8
+    """Softmax temperature; 0 = greedy."""
     top_k: int | None = 50
+    """Sample among the k most likely tokens; 0 or null = all."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of most likely tokens holding this probability; 1 = all."""
+    repetition_penalty: float = 1.0
+    """Penalty (> 0) on tokens already in the prompt or the output (CTRL's); 1 = off."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: the text ends before the first one produced."""
+    seed: int | None = None
+    """Seed of the sampling; null = run.seed. Sample s of prompt p has its own stream: the output does not
+    depend on batch_size."""
     num_samples: int = 1
+    """Samples per prompt."""
+    batch_size: int = 8
+    """Rows (prompts x samples) decoded together."""
+    stream: bool | None = None
+    """Print tokens as they are produced; null = when there is one row (one prompt, one sample)."""
+    use_cache: bool = True
+    """Decode with the KV cache; false recomputes the whole prefix each step (same tokens, slower)."""
     checkpoint: str | None = None
-    """A checkpoint folder; None = the run's latest complete checkpoint."""
+    """A checkpoint or run folder, or a folder `llmtrain export` wrote; None = the run's latest complete
+    checkpoint."""
+
+
+@dataclass
+class ChatConfig:
+    """`llmtrain chat`: an interactive conversation with a fine-tuned checkpoint (docs/generation.md)."""
+
+    checkpoint: str | None = None
+    """A checkpoint or run folder, or a folder `llmtrain export` wrote; None = the run's latest complete
+    checkpoint."""
+    system: str | None = None
+    """A system message that starts every conversation (kept when the history is trimmed)."""
+    max_new_tokens: int = 256
+    """Tokens per reply at most."""
+    temperature: float = 0.7
+    top_k: int | None = 50
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    """Seed of the sampling; null = run.seed."""
+
+
+def check_sampling_config(section, key: str) -> None:
+    """The sampling values shared by `generate.*` and `chat.*`."""
+    import math
+
+    t = section.temperature
+    check(math.isfinite(t) and t >= 0, f"{key}.temperature", f"must be >= 0 (0 = greedy), got {t}")
+    k = section.top_k
+    check(k is None or k >= 0, f"{key}.top_k", f"must be >= 0 (0 or null = all tokens), got {k}")
+    p = section.top_p
+    check(0 < p <= 1, f"{key}.top_p", f"must be in (0, 1] (1 = all tokens), got {p}")
+    r = section.repetition_penalty
+    check(math.isfinite(r) and r > 0, f"{key}.repetition_penalty", f"must be positive (1 = off), got {r}")
+    n = section.max_new_tokens
+    check(n >= 1, f"{key}.max_new_tokens", f"must be at least 1, got {n}")
+
+
+def check_generate_config(g: GenerateConfig) -> None:
+    check_sampling_config(g, "generate")
+    check(g.num_samples >= 1, "generate.num_samples", f"must be at least 1, got {g.num_samples}")
+    check(g.batch_size >= 1, "generate.batch_size", f"must be at least 1, got {g.batch_size}")
+    for i, stop in enumerate(g.stop):
+        check(bool(stop), f"generate.stop[{i}]", "must not be empty")
+
+
+def check_chat_config(c: ChatConfig) -> None:
+    check_sampling_config(c, "chat")
+    check(c.system is None or bool(c.system.strip()), "chat.system", "must not be empty (null for none)")
 
 
 @dataclass
@@ -61,6 +134,48 @@ class EvalConfig:
     micro_batch_size: int = 8
     max_batches: int | None = None
     """Micro-batches per source; None = the whole validation split."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (configs/eval/, eval.include_path, lm-eval's registry); empty = the
+    validation loss of the checkpoint's own data. Needs `pip install -e .[eval]`."""
+    include_path: str | None = None
+    """A folder of the user's own task YAMLs (lm-eval's --include_path); configs/eval is always searched."""
+    registry: bool = True
+    """Also search lm-eval's built-in registry (a scan of ~15k YAMLs, seconds) for names not found above."""
+    limit: float | None = None
+    """Documents per task: a count, or a fraction when < 1; None = all (lm-eval's --limit)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt; None = each task's own default (lm-eval's --num_fewshot)."""
+    batch_size: int | None = None
+    """Requests per forward for eval.tasks; None = eval.micro_batch_size."""
+    max_gen_toks: int = 256
+    """Generation length when a task's generation_kwargs do not set max_gen_toks."""
+    worst: int = 0
+    """Print the K examples of each task the model got most wrong (error analysis); 0 = none."""
+    log_samples: bool = True
+    """Write every example (prompt, target, response, metrics) beside results.json."""
+    bootstrap_iters: int = 100000
+    """lm-eval's bootstrap resamples for the stderr of non-mean metrics (BLEU); 0 = no stderr."""
+
+
+def check_eval_config(ev: EvalConfig) -> None:
+    check(ev.micro_batch_size > 0, "eval.micro_batch_size", f"must be positive, got {ev.micro_batch_size}")
+    check(
+        ev.batch_size is None or ev.batch_size > 0,
+        "eval.batch_size",
+        f"must be positive, got {ev.batch_size}",
+    )
+    check(
+        ev.limit is None or ev.limit > 0, "eval.limit", f"must be positive (or null for all), got {ev.limit}"
+    )
+    check(
+        ev.num_fewshot is None or ev.num_fewshot >= 0,
+        "eval.num_fewshot",
+        f"must not be negative, got {ev.num_fewshot}",
+    )
+    check(ev.max_gen_toks > 0, "eval.max_gen_toks", f"must be positive, got {ev.max_gen_toks}")
+    check(ev.worst >= 0, "eval.worst", f"must not be negative (0 = none), got {ev.worst}")
+    check(ev.bootstrap_iters >= 0, "eval.bootstrap_iters", f"must not be negative, got {ev.bootstrap_iters}")
+    check(all(isinstance(t, str) and t for t in ev.tasks), "eval.tasks", "task names must be non-empty")
 
 
 @dataclass
@@ -97,6 +212,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -230,7 +346,24 @@ def validate(cfg: Config) -> None:
     check_checkpoint_config(cfg.checkpoint)
     check_guard_config(cfg.guard)
     check_logging_config(cfg.logging)
+    check_generate_config(cfg.generate)
+    check_eval_config(cfg.eval)
+    check_chat_config(cfg.chat)
     check(bool(cfg.resume), "resume", "must be auto, none or a checkpoint folder")
+    if cfg.optim.name == "muon":
+        check(
+            not cfg.deepspeed.offload_optimizer,
+            "optim.name",
+            "muon cannot run with deepspeed.offload_optimizer=true (ZeRO-Offload steps DeepSpeed's CPU Adam "
+            "only); use optim=adamw there",
+        )
+        check(
+            cfg.train.grad_clip == 0,
+            "train.grad_clip",
+            f"is {cfg.train.grad_clip}, but optim=muon needs 0: DeepSpeed (ZeRO 1-3) clips Muon's "
+            "orthogonalized update rather than the gradient, which silently divides the Muon lr by the "
+            "update's norm (measured 45x on the tiny model); `optim=muon` sets it",
+        )
     check(cfg.plan.world_size >= 1, "plan.world_size", f"must be >= 1 (got {cfg.plan.world_size})")
     check(cfg.plan.gpu_memory_gb > 0, "plan.gpu_memory_gb", f"must be > 0 (got {cfg.plan.gpu_memory_gb})")
 

@@ -76,7 +76,21 @@ def _write_tokenizer(tokenizer, folder: Path) -> None:
         "legacy": False,
         "model_max_length": 1_000_000,
     }
+    config.update(_chat_template_entries(tokenizer))
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _chat_template_entries(tokenizer) -> dict:
+    """The chat template and its tokens, for a tokenizer that has them: `apply_chat_template` then
+    renders, id for id, what `llmtrain.data.chat_template.render_conversation` trained on."""
+    from llmtrain.data.chat_template import CHAT_TOKENS, JINJA_TEMPLATE, chat_token_ids
+    from llmtrain.errors import DataError
+
+    try:
+        chat_token_ids(tokenizer)
+    except DataError:
+        return {}  # pretrained without the chat tokens: nothing to template
+    return {"chat_template": JINJA_TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
 
 
 def main(cfg: Config) -> int:

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "commands",
         ("llmtrain.train.trainer", "llmtrain.train.universal", "llmtrain.inference", "llmtrain.eval.evaluate")
-        + ("llmtrain.generate", "llmtrain.export", "llmtrain.plan"),
+        + ("llmtrain.generate", "llmtrain.chat", "llmtrain.export", "llmtrain.plan"),
     ),
     ("entry points", ("llmtrain.app", "llmtrain.preflight", "llmtrain.cli", "llmtrain.__main__")),
 ]

@@ -1,4 +1,4 @@
-"""Readers that turn a source (txt / jsonl / jsonl.gz / parquet / the Python stdlib) into documents.
+"""Readers that turn a source (txt / jsonl / jsonl.gz / parquet / the Python stdlib / chat) into documents.
 
 Every document has a stable id (its file's path relative to the source root, plus a line or row
 number where a file holds many documents), and its train / validation split is a pure function of
@@ -24,7 +24,7 @@ from llmtrain.errors import DataError
 
 SPLITS = ("train", "val")
 # what a folder is searched for (a file named directly may have any name)
-_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
+_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz"), "chat": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
@@ -136,6 +136,8 @@ def iter_documents(
             yield from _read_txt(path, rel, source.separator, skip, stats)
         elif source.format == "jsonl":
             yield from _read_jsonl(path, rel, source.text_field, skip, stats)
+        elif source.format == "chat":
+            yield from _read_jsonl(path, rel, source.text_field, skip, stats, chat=True)
         elif source.format == "parquet":
             yield from _read_parquet(path, rel, source.text_field, skip, stats)
         else:
@@ -178,7 +180,11 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def _read_jsonl(path: Path, rel: str, text_field: str, skip: bool, stats: ReadStats) -> Iterator[Document]:
+def _read_jsonl(
+    path: Path, rel: str, text_field: str, skip: bool, stats: ReadStats, chat: bool = False
+) -> Iterator[Document]:
+    """Records of a JSONL file; with `chat`, conversations (`{"messages": [...]}`) rendered as text
+    by the chat template (llmtrain/data/chat_template.py)."""
     gz = path.name.endswith(".gz")
     try:
         f = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 (closed below)
@@ -190,7 +196,7 @@ def _read_jsonl(path: Path, rel: str, text_field: str, skip: bool, stats: ReadSt
             for lineno, raw in enumerate(f, 1):  # noqa: B007 (lineno is reported after the loop)
                 if not raw.strip():
                     continue
-                text, problem = _parse_record(raw, text_field)
+                text, problem = _parse_chat(raw) if chat else _parse_record(raw, text_field)
                 if problem is not None:
                     stats.bad(f"{path}:{lineno}", problem, skip)
                 elif text.strip():
@@ -199,6 +205,34 @@ def _read_jsonl(path: Path, rel: str, text_field: str, skip: bool, stats: ReadSt
         # a truncated or corrupt .gz: the rest of the file is unreadable
         problem = f"corrupt or truncated file ({type(err).__name__}: {err})"
         stats.bad(f"{path}:{lineno + 1}", problem, skip)
+
+
+def _parse_chat(raw: bytes) -> tuple[str, str | None]:
+    """(the conversation rendered by the chat template, None) or ("", what is wrong with this line)."""
+    from llmtrain.data.chat_template import conversation_problem, render_text
+
+    record, problem = _json_object(raw)
+    if problem is not None:
+        return "", problem
+    if "messages" not in record:
+        fields = sorted(record)[:8]
+        return "", f"no field 'messages' (a chat record is {{\"messages\": [...]}}; fields here: {fields})"
+    problem = conversation_problem(record["messages"])
+    if problem is not None:
+        return "", problem
+    return render_text(record["messages"]), None
+
+
+def _json_object(raw: bytes) -> tuple[dict, str | None]:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return {}, f"not valid UTF-8 (byte {err.start} of the line)"
+    except json.JSONDecodeError as err:
+        return {}, f"malformed JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return {}, f"expected a JSON object, got {type(record).__name__}"
+    return record, None
 
 
 def _parse_record(raw: bytes, text_field: str) -> tuple[str, str | None]:

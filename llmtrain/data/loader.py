@@ -45,7 +45,9 @@ if TYPE_CHECKING:
     from llmtrain.data.tokenizer import TokenizerIdentity
 
 Batch = dict[str, torch.Tensor]
-"""{"tokens": (B, T + 1) int32, "doc_ids": (B, T + 1) int32 (only when the loader was asked for them)}"""
+"""{"tokens": (B, T + 1) int32, "doc_ids": (B, T + 1) int32 (only when the loader was asked for them),
+"loss_mask": (B, T + 1) uint8 (only when a source has chat shards: 1 where the token is trained on as
+a target; rows of sources without masks are all ones)}"""
 TOKEN_DTYPE = np.int32  # half of int64 to read, pin and copy; ids < 2**31 (shards hold uint16/uint32)
 MIX_BLOCK = 1 << 18
 _OPEN_SHARDS = 64  # memory maps kept open per stream (each holds file descriptors)
@@ -126,6 +128,14 @@ class _Stream:
         self.num_tokens = int(self.starts[-1])
         self.num_bytes = sum(r.num_bytes for r in readers)
         self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        masked = [r.has_mask for r in readers]
+        if any(masked) and not all(masked):
+            plain = next(r for r in readers if not r.has_mask)
+            raise DataError(
+                f"{plain.idx_path}: has no loss mask while other shards of its source do (mixed "
+                "preparations); delete the source's shard folder and re-run `llmtrain prepare`"
+            )
+        self.has_mask = bool(masked) and all(masked)
 
     def _shard(self, a: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._open.get(a)
@@ -175,6 +185,22 @@ class _Stream:
             )
         return out, None if marks is None else np.cumsum(marks, axis=1, dtype=np.int32)
 
+    def read_mask(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """The loss mask (B, length) uint8 of the windows `read` returns for the same starts."""
+        out = np.empty((len(starts), length), dtype=np.uint8)
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        for row, (pos, a) in enumerate(zip(starts.tolist(), shard_of.tolist())):
+            col = 0
+            while col < length:  # one slice per shard the window touches (usually one)
+                mask = self.readers[a].mask
+                local = pos - int(self.starts[a])
+                take = min(length - col, mask.shape[0] - local)
+                out[row, col : col + take] = mask[local : local + take]
+                col += take
+                pos += take
+                a += 1
+        return out
+
     def _read_across(self, pos: int, a: int, out: np.ndarray, marks: np.ndarray | None) -> None:
         """One window that runs over the end of shard `a` into the next ones."""
         col, length = 0, out.shape[0]
@@ -219,10 +245,12 @@ def _open_split(
     ]
 
 
-def _batch(tokens: np.ndarray, doc_ids: np.ndarray | None) -> Batch:
+def _batch(tokens: np.ndarray, doc_ids: np.ndarray | None, loss_mask: np.ndarray | None = None) -> Batch:
     batch = {"tokens": torch.from_numpy(tokens)}
     if doc_ids is not None:
         batch["doc_ids"] = torch.from_numpy(doc_ids)
+    if loss_mask is not None:
+        batch["loss_mask"] = torch.from_numpy(loss_mask)
     return batch
 
 
@@ -342,11 +370,15 @@ class TrainLoader:
         src, starts = self.window_starts(ks)
         tokens = np.empty((len(ks), self.seq_len + 1), dtype=TOKEN_DTYPE)
         doc_ids = np.empty((len(ks), self.seq_len + 1), dtype=np.int32) if self.doc_ids else None
+        masked = any(stream.has_mask for stream in self.streams)
+        loss_mask = np.ones((len(ks), self.seq_len + 1), dtype=np.uint8) if masked else None
         for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s)
             tokens[sel], ids = self.streams[s].read(starts[sel], self.seq_len + 1, doc_ids=self.doc_ids)
             if doc_ids is not None:
                 doc_ids[sel] = ids
+            if loss_mask is not None and self.streams[s].has_mask:
+                loss_mask[sel] = self.streams[s].read_mask(starts[sel], self.seq_len + 1)
             # With data.verify=size/off nothing checked the ids; an id past the embedding table would
             # end in an index error deep inside the model (on GPU, a device assert). A max over one
             # micro-batch on the host is cheap.
@@ -356,7 +388,7 @@ class TrainLoader:
                     f"{shard_dir(self.data_dir, name)}: token id {int(tokens[sel].max())} >= vocab size "
                     f"{self.vocab_size} in a train shard of source {name!r} (corrupt shard; data.verify=full names it)"
                 )
-        return _batch(tokens, doc_ids)
+        return _batch(tokens, doc_ids, loss_mask)
 
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank."""
@@ -475,7 +507,8 @@ class ValLoader:
         for m in range(self.num_batches(source_name)):
             first = m * step + self.rank * self.micro_batch_size
             starts = np.arange(first, first + self.micro_batch_size, dtype=np.int64) * self.seq_len
-            yield _batch(*stream.read(starts, self.seq_len + 1, doc_ids=self.doc_ids))
+            mask = stream.read_mask(starts, self.seq_len + 1) if stream.has_mask else None
+            yield _batch(*stream.read(starts, self.seq_len + 1, doc_ids=self.doc_ids), mask)
 
     def bytes_per_token(self, source_name: str) -> float | None:
         """UTF-8 bytes of source text per token of the val split, when the shards recorded it."""
@@ -490,7 +523,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The run's train loader; `identity` (read once by the caller) defaults to the data folder's."""
     identity = identity or tokenizer_identity(cfg.data_dir)
-    return TrainLoader(
+    loader = TrainLoader(
         cfg.data_dir,
         cfg.data.sources,
         seq_len=cfg.train.seq_len,
@@ -503,6 +536,29 @@ def build_train_loader(
         tokenizer_hash=identity.hash,
         doc_ids=cfg.model.doc_mask,
     )
+    _check_chat_sources(cfg, loader)
+    return loader
+
+
+def _check_chat_sources(cfg: Config, loader: TrainLoader) -> None:
+    """Chat sources need a tokenizer with the template's tokens and shards with loss masks; else
+    one line saying so, at start (not a model trained on the prompts)."""
+    chat = [i for i, src in enumerate(cfg.data.sources) if src.format == "chat"]
+    if not chat:
+        return
+    from llmtrain.data.chat_template import check_chat_tokenizer
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    names = ", ".join(repr(loader.source_names[i]) for i in chat)
+    tok = load_tokenizer(cfg.data_dir)
+    check_chat_tokenizer(tok, f"{tok.path} (chat source {names})")
+    for i in chat:
+        if not loader.streams[i].has_mask:
+            name = loader.source_names[i]
+            raise DataError(
+                f"{shard_dir(cfg.data_dir, name)}: source {name!r} is format chat but its shards have no "
+                "loss mask (prepared as another format?); delete the folder and re-run `llmtrain prepare`"
+            )
 
 
 def build_val_loader(

@@ -26,12 +26,16 @@ import numpy as np
 
 from llmtrain.config import Config
 from llmtrain.errors import ConfigError
+from llmtrain.data.chat_template import chat_token_ids, trained_flags
+from llmtrain.data.clean import clean_sources, source_clean_settings, source_documents
 from llmtrain.data.config import SourceConfig
-from llmtrain.data.corpus import SPLITS, ReadStats, iter_documents, list_files, split_of
+from llmtrain.data.corpus import SPLITS, ReadStats, list_files, split_of
+from llmtrain.data.report import write_report
 from llmtrain.data.shards import (
     ShardReader,
     ShardWriter,
     list_shards,
+    mask_path,
     shard_dir,
     shard_prefix,
 )
@@ -95,9 +99,11 @@ class SourceResult:
     """done (tokenized now) | resumed (after complete shards of an earlier run) | cached (already complete)."""
 
 
-def _source_settings(src: SourceConfig, tok: Tokenizer, val_fraction: float) -> dict:
+def _source_settings(
+    src: SourceConfig, tok: Tokenizer, val_fraction: float, clean: dict | None = None
+) -> dict:
     """What decides a source's shard contents (compared with done.json before reusing them)."""
-    return {
+    settings = {
         "tokenizer_hash": tok.hash,
         "name": src.name,
         "path": src.path if src.format != "stdlib" else "stdlib",
@@ -106,6 +112,9 @@ def _source_settings(src: SourceConfig, tok: Tokenizer, val_fraction: float) -> 
         "separator": src.separator if src.format == "txt" else None,
         "val_fraction": val_fraction,
     }
+    if clean is not None:  # only with cleaning on, so that shards prepared before it stay valid
+        settings["clean"] = clean
+    return settings
 
 
 def _read_settings_file(path: Path) -> dict | None:
@@ -150,6 +159,7 @@ def _remove_stale(data_dir: Path, src: SourceConfig, split: str, count: int) -> 
         if int(prefix.name.rsplit("_", 1)[1]) >= count:
             prefix.with_name(prefix.name + ".idx").unlink(missing_ok=True)
             prefix.with_name(prefix.name + ".bin").unlink(missing_ok=True)
+            mask_path(prefix).unlink(missing_ok=True)
     for tmp in folder.glob(f"{split}_*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -160,6 +170,9 @@ def _cached_result(folder: Path, src: SourceConfig, settings: dict) -> SourceRes
     if done is None:
         return None
     if done["settings"] != settings:
+        changed = {k for k in {*settings, *done["settings"]} if settings.get(k) != done["settings"].get(k)}
+        if changed == {"clean"}:
+            return None  # other clean settings: the source is cleaned and tokenized again
         diff = ", ".join(
             f"{k}={done['settings'].get(k)!r} (now {v!r})"
             for k, v in settings.items()
@@ -220,10 +233,11 @@ def chunked(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[list[str], l
 def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Encoder) -> SourceResult:
     data_dir = cfg.data_dir
     folder = shard_dir(data_dir, src.name)
-    settings = _source_settings(src, tok, cfg.data.val_fraction)
+    settings = _source_settings(src, tok, cfg.data.val_fraction, source_clean_settings(cfg, src))
     cached = _cached_result(folder, src, settings)
     if cached is not None:
         return cached
+    chat = _chat_tokens(src, tok)  # chat sources: the template's ids, for the loss mask
     res = SourceResult(src.name)
     next_index = _start_or_resume(data_dir, src, tok, settings, res)
     to_skip = dict(res.docs)  # documents already in kept shards, per split
@@ -238,14 +252,19 @@ def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Enc
         nonlocal new_tokens
         flat, lengths, nbytes = result
         ends = np.cumsum(lengths)
+        flags = trained_flags(flat, chat, tok.eos_id) if chat else None
         for split, end, n, nb in zip(splits, ends, lengths, nbytes):
             writer = writers[split]
             if writer is None:
                 writer = ShardWriter(
-                    shard_prefix(data_dir, src.name, split, next_index[split]), tok.vocab_size, tok.hash
+                    shard_prefix(data_dir, src.name, split, next_index[split]),
+                    tok.vocab_size,
+                    tok.hash,
+                    with_mask=chat is not None,
                 )
                 writers[split] = writer
-            writer.add_document(flat[end - n : end], num_bytes=int(nb))
+            mask = None if flags is None else flags[end - n : end]
+            writer.add_document(flat[end - n : end], num_bytes=int(nb), mask=mask)
             res.docs[split] += 1
             res.tokens[split] += int(n)
             res.bytes[split] += int(nb)
@@ -262,7 +281,7 @@ def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Enc
 
     def new_documents() -> Iterator[tuple[str, str]]:
         """(text, split) of every document not already in a kept shard."""
-        for doc in iter_documents(src, on_bad_record=cfg.data.on_bad_record, stats=stats):
+        for doc in source_documents(cfg, src, stats):
             split = split_of(doc.id, cfg.data.val_fraction)
             if to_skip[split] > 0:
                 to_skip[split] -= 1
@@ -319,6 +338,13 @@ def prepare_source(cfg: Config, src: SourceConfig, tok: Tokenizer, encoder: _Enc
     return res
 
 
+def _chat_tokens(src: SourceConfig, tok: Tokenizer) -> dict[str, int] | None:
+    """{chat token: id} for a chat source (a one-line DataError when the tokenizer lacks them), else None."""
+    if src.format != "chat":
+        return None
+    return chat_token_ids(tok, f"data source {src.name!r} (format chat), tokenizer {tok.path}")
+
+
 def _progress(cfg: Config, name: str):
     from tqdm import tqdm
 
@@ -344,7 +370,7 @@ def tokenizer_sample(cfg: Config) -> list[str]:
         budget = int(cfg.tokenizer.char_budget * src.weight / total_weight)
         heap: list[tuple[int, int, str]] = []  # (-hash, order, text): the largest hash is on top
         size, cutoff = 0, None
-        for order, doc in enumerate(iter_documents(src, on_bad_record=cfg.data.on_bad_record)):
+        for order, doc in enumerate(source_documents(cfg, src)):
             if split_of(doc.id, cfg.data.val_fraction) != "train":
                 continue
             h = _sample_hash(src.name, doc.id)
@@ -388,15 +414,19 @@ def prepare(cfg: Config) -> Path:
             "data.sources: no sources; pick a data config (e.g. data=stdlib) or declare sources"
         )
     workers = cfg.prepare.workers or os.cpu_count() or 1
-    pending = [s for s in sources if _read_settings_file(shard_dir(data_dir, s.name) / DONE_FILE) is None]
+    pending = [s for s in sources if _is_pending(cfg, s)]
     for src in pending:  # fail fast on a bad path before any long work
         list_files(src)
+    if not clean_sources(cfg, pending, workers):
+        return data_dir  # handed to SLURM: tokenize on the next run, once the jobs have finished
     t_tok = time.perf_counter()
     tok, how = get_tokenizer(cfg.tokenizer, data_dir, lambda: _announce_training(cfg))
     print(
         f"tokenizer: {how} {data_dir / 'tokenizer.model'} (vocab {tok.vocab_size}, hash {tok.hash[:12]}, "
         f"{time.perf_counter() - t_tok:.1f} s)"
     )
+    for src in pending:  # a tokenizer without the chat tokens fails before any shard is written
+        _chat_tokens(src, tok)
     results = []
     encoder = _Encoder(tok, workers) if pending else None
     ok = False
@@ -408,7 +438,14 @@ def prepare(cfg: Config) -> Path:
         if encoder is not None:
             encoder.close(ok)
     _summary(data_dir, results, time.perf_counter() - t0, workers if pending else 0)
+    write_report(cfg, results)
     return data_dir
+
+
+def _is_pending(cfg: Config, src: SourceConfig) -> bool:
+    """Not finished, or finished with other clean settings."""
+    done = _read_settings_file(shard_dir(cfg.data_dir, src.name) / DONE_FILE)
+    return done is None or done["settings"].get("clean") != source_clean_settings(cfg, src)
 
 
 def _summary(data_dir: Path, results: list[SourceResult], seconds: float, workers: int) -> None:

@@ -2,15 +2,19 @@
 
 `<prefix>.bin`  little-endian token ids, uint16 when the vocabulary fits, else uint32, documents
                 back to back (each already ends with its EOS).
+`<prefix>.mask.bin`  only in shards of chat data (format version 2): one uint8 per token, 1 where
+                the token is trained on as a target (assistant text), 0 elsewhere (prompt, headers).
 `<prefix>.idx`  | 8 bytes magic | uint32 format version | uint32 header length H |
                 | H bytes JSON header, space-padded so the offsets start 8-byte aligned |
                 | int64 document offsets (num_docs + 1 values, 0 ... num_tokens) |
 The JSON header holds dtype, vocab size, tokenizer hash, token / document / source-byte counts and
-CRC32 checksums of the token bytes and of the offsets. It has no timestamps or paths, so the same
-tokens always give byte-identical files.
+CRC32 checksums of the token bytes and of the offsets (and of the mask, when there is one). It has
+no timestamps or paths, so the same tokens always give byte-identical files. Shards without a mask
+are version 1, exactly as before masks existed; a shard with a mask is version 2, so a reader that
+predates masks refuses it instead of training on the prompt tokens.
 
-Both files are written under temporary names and renamed into place, the `.bin` first and the
-`.idx` last: a shard is complete exactly when its `.idx` exists.
+All files are written under temporary names and renamed into place, the `.bin` (and `.mask.bin`)
+first and the `.idx` last: a shard is complete exactly when its `.idx` exists.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from llmtrain.errors import DataError
 
 MAGIC = b"LLMTSHRD"
 VERSION = 1
+MASK_VERSION = 2
+"""Format version of a shard with a loss mask; readers accept both."""
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _FLUSH_BYTES = 8 << 20
 _CHUNK_TOKENS = 16 << 20
@@ -44,6 +50,12 @@ def _paths(prefix: str | Path) -> tuple[Path, Path]:
     return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
 
 
+def mask_path(prefix: str | Path) -> Path:
+    """`<prefix>.mask.bin`: the loss mask of a chat shard."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".mask.bin")
+
+
 def _crc(data, crc: int = 0) -> int:
     return zlib.crc32(memoryview(data).cast("B"), crc)
 
@@ -51,10 +63,11 @@ def _crc(data, crc: int = 0) -> int:
 class ShardWriter:
     """Appends documents to one shard; `close()` publishes it, `abort()` leaves nothing complete.
 
-    Used as a context manager: a clean exit closes, an exception aborts.
+    Used as a context manager: a clean exit closes, an exception aborts. With `with_mask`, every
+    document comes with its per-token loss mask (see the module docstring).
     """
 
-    def __init__(self, prefix: str | Path, vocab_size: int, tokenizer_hash: str):
+    def __init__(self, prefix: str | Path, vocab_size: int, tokenizer_hash: str, *, with_mask: bool = False):
         self.prefix = Path(prefix)
         self.vocab_size = int(vocab_size)
         self.tokenizer_hash = str(tokenizer_hash)
@@ -66,6 +79,12 @@ class ShardWriter:
         # An older complete shard under this name stops counting the moment we start replacing it.
         self.idx_path.unlink(missing_ok=True)
         self._file = open(self._bin_tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self.with_mask = with_mask
+        self.mask_path = mask_path(self.prefix)
+        self._mask_tmp = self.mask_path.with_name(self.mask_path.name + ".tmp")
+        self._mask_file = open(self._mask_tmp, "wb") if with_mask else None  # noqa: SIM115
+        self._mask_pending: list[bytes] = []
+        self._mask_crc = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._offsets: list[int] = [0]
@@ -78,15 +97,25 @@ class ShardWriter:
     def num_docs(self) -> int:
         return len(self._offsets) - 1
 
-    def add_document(self, tokens: np.ndarray | list[int], num_bytes: int = 0) -> None:
+    def add_document(self, tokens: np.ndarray | list[int], num_bytes: int = 0, mask=None) -> None:
         """Append one document (tokens already end with EOS). `num_bytes`: UTF-8 bytes of its text,
-        summed into the index so evaluation can report bits per byte. Empty documents are skipped."""
+        summed into the index so evaluation can report bits per byte. `mask` (with_mask writers
+        only): 1 per trained token, 0 per other, as long as `tokens`. Empty documents are skipped."""
         if self._closed:
             raise RuntimeError(f"{self.prefix}: shard writer already closed")
         arr = np.asarray(tokens)
+        if (mask is not None) != self.with_mask:
+            raise ValueError(f"{self.prefix}: a mask is {'required' if self.with_mask else 'not expected'}")
         self.num_bytes += int(num_bytes)
         if arr.size == 0:
             return
+        if mask is not None:
+            flags = np.asarray(mask).astype(np.uint8)
+            if flags.shape != arr.shape or int(flags.max(initial=0)) > 1:
+                raise ValueError(f"{self.prefix}: the mask must be 0/1 flags, one per token")
+            data = flags.tobytes()
+            self._mask_crc = _crc(data, self._mask_crc)
+            self._mask_pending.append(data)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise DataError(
                 f"{self.bin_path}: a document must be a 1-D integer array, got {arr.dtype} {arr.shape}"
@@ -110,6 +139,9 @@ class ShardWriter:
         self._file.write(b"".join(self._pending))
         self._pending.clear()
         self._pending_bytes = 0
+        if self._mask_file is not None:
+            self._mask_file.write(b"".join(self._mask_pending))
+            self._mask_pending.clear()
 
     def close(self) -> None:
         """Flush and fsync the tokens, rename `.bin` into place, then write and rename the `.idx`."""
@@ -120,6 +152,10 @@ class ShardWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            if self._mask_file is not None:
+                self._mask_file.flush()
+                os.fsync(self._mask_file.fileno())
+                self._mask_file.close()
             offsets = np.asarray(self._offsets, dtype="<i8")
             header = {
                 "checksum": _checksum_str(self._crc),
@@ -131,7 +167,11 @@ class ShardWriter:
                 "tokenizer_hash": self.tokenizer_hash,
                 "vocab_size": self.vocab_size,
             }
+            if self.with_mask:
+                header["mask_checksum"] = _checksum_str(self._mask_crc)
             os.replace(self._bin_tmp, self.bin_path)
+            if self.with_mask:
+                os.replace(self._mask_tmp, self.mask_path)
             with open(self._idx_tmp, "wb") as f:
                 f.write(_encode_header(header))
                 f.write(offsets.tobytes())
@@ -151,9 +191,13 @@ class ShardWriter:
         """
         self._closed = True
         self._pending.clear()
-        if not self._file.closed:
-            self._file.close()
+        self._mask_pending.clear()
+        for f in (self._file, self._mask_file):
+            if f is not None and not f.closed:
+                f.close()
         for path in (self._idx_tmp, self.idx_path, self._bin_tmp, self.bin_path):
+            path.unlink(missing_ok=True)
+        for path in (self._mask_tmp, self.mask_path):
             path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -167,9 +211,11 @@ class ShardWriter:
 
 
 def _encode_header(header: dict) -> bytes:
+    """The index's prefix and JSON header; the version says whether the shard has a mask."""
+    version = MASK_VERSION if "mask_checksum" in header else VERSION
     body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     body += b" " * (-(_PREFIX.size + len(body)) % 8)
-    return _PREFIX.pack(MAGIC, VERSION, len(body)) + body
+    return _PREFIX.pack(MAGIC, version, len(body)) + body
 
 
 class ShardReader:
@@ -186,6 +232,8 @@ class ShardReader:
         self.bin_path, self.idx_path = _paths(self.prefix)
         self._tokens: np.memmap | None = None
         self._offsets: np.ndarray | None = None
+        self._mask: np.memmap | None = None
+        self.mask_path = mask_path(self.prefix)
         head = self._read_header()
         name = self.idx_path
         try:
@@ -197,6 +245,7 @@ class ShardReader:
             self.checksum = str(head["checksum"])
             self.offsets_checksum = str(head["offsets_checksum"])
             dtype_name = str(head["dtype"])
+            self.mask_checksum = str(head["mask_checksum"]) if self.version == MASK_VERSION else None
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{name}: malformed shard index header ({type(err).__name__}: {err})") from None
         if self.vocab_size <= 0 or self.num_tokens < 0 or self.num_docs < 0:
@@ -229,6 +278,19 @@ class ShardReader:
         if bin_size != expect_bin:
             what = "truncated" if bin_size < expect_bin else "longer than its index says"
             raise DataError(f"{self.bin_path}: {bin_size} bytes, expected {expect_bin} ({what})")
+        if self.has_mask:
+            try:
+                mask_size = self.mask_path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{self.mask_path}: loss mask missing (its index lists one)") from None
+            if mask_size != self.num_tokens:
+                what = "truncated" if mask_size < self.num_tokens else "longer than its index says"
+                raise DataError(f"{self.mask_path}: {mask_size} bytes, expected {self.num_tokens} ({what})")
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the shard carries a loss mask (chat data)."""
+        return self.mask_checksum is not None
 
     def _read_header(self) -> dict:
         name = self.idx_path
@@ -240,10 +302,12 @@ class ShardReader:
                 magic, version, length = _PREFIX.unpack(raw)
                 if magic != MAGIC:
                     raise DataError(f"{name}: not a shard index (bad magic {magic!r})")
-                if version != VERSION:
+                if version not in (VERSION, MASK_VERSION):
                     raise DataError(
-                        f"{name}: unsupported shard format version {version} (this llmtrain reads {VERSION})"
+                        f"{name}: unsupported shard format version {version} "
+                        f"(this llmtrain reads {VERSION} and {MASK_VERSION})"
                     )
+                self.version = version
                 body = f.read(length)
                 self._idx_size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
@@ -284,10 +348,23 @@ class ShardReader:
             self._offsets = offsets
         return self._offsets
 
+    @property
+    def mask(self) -> np.memmap:
+        """uint8 loss mask per token, memory-mapped read-only (only when `has_mask`)."""
+        if not self.has_mask:
+            raise DataError(f"{self.idx_path}: shard has no loss mask")
+        if self._mask is None:
+            if self.num_tokens == 0:
+                self._mask = np.zeros(0, dtype=np.uint8).view(np.memmap)
+            else:
+                self._mask = np.memmap(self.mask_path, dtype=np.uint8, mode="r", shape=(self.num_tokens,))
+        return self._mask
+
     def close(self) -> None:
         """Unmap the files (they are mapped again on the next access)."""
         self._tokens = None
         self._offsets = None
+        self._mask = None
 
     def verify(self) -> None:
         """Full check: token and offset checksums, offsets increasing, every id below vocab_size."""
@@ -306,6 +383,16 @@ class ShardReader:
             raise DataError(f"{self.bin_path}: token checksum mismatch (file corrupt or modified)")
         if top >= self.vocab_size:
             raise DataError(f"{self.bin_path}: token id {top} >= vocab size {self.vocab_size}")
+        if self.has_mask:
+            crc, top = 0, 0
+            for start in range(0, self.num_tokens, _CHUNK_TOKENS):
+                chunk = np.asarray(self.mask[start : start + _CHUNK_TOKENS])
+                crc = _crc(chunk, crc)
+                top = max(top, int(chunk.max(initial=0)))
+            if _checksum_str(crc) != self.mask_checksum:
+                raise DataError(f"{self.mask_path}: loss mask checksum mismatch (file corrupt or modified)")
+            if top > 1:
+                raise DataError(f"{self.mask_path}: loss mask value {top} is not 0 or 1 (corrupt)")
 
     def __repr__(self) -> str:
         return f"ShardReader({str(self.prefix)!r}, tokens={self.num_tokens}, docs={self.num_docs})"

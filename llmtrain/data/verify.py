@@ -5,7 +5,7 @@ trains without a word; only its checksums tell. Checking a whole corpus on every
 minutes per terabyte, so the work is split:
 
     full  every rank opens every shard (header, sizes, vocab, tokenizer hash) and fully verifies
-          (token and offset checksums, token ids below the vocab size) a share of about
+          (token, offset and loss-mask checksums, token ids below the vocab size) a share of about
           1/world_size of the bytes, so 1 TB over 64 ranks costs seconds.
     size  every rank opens every shard, nothing more (reads only the index headers).
     off   no check.
@@ -17,6 +17,7 @@ message, whichever rank saw the bad shard, so no rank trains on while another ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import threading
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtrain.data.config import VERIFY_MODES
-from llmtrain.data.shards import ShardReader, list_shards
+from llmtrain.data.shards import ShardReader, list_shards, mask_path
 from llmtrain.errors import DataError
 
 __all__ = ["VERIFY_MODES", "agree", "data_fingerprint", "shards_to_verify", "start_verification"]
@@ -62,6 +63,8 @@ def data_fingerprint(data_dir: str | Path, source_names: Iterable[str]) -> dict[
             for prefix in list_shards(data_dir, name, split):
                 reader = ShardReader(prefix)
                 line = f"{prefix.name}\t{reader.num_tokens}\t{reader.checksum}\t{reader.tokenizer_hash}\n"
+                if reader.has_mask:  # chat shards: a changed loss mask is changed training data
+                    line = f"{line[:-1]}\t{reader.mask_checksum}\n"
                 digest.update(line.encode())
                 shards += 1
                 tokens += reader.num_tokens
@@ -88,11 +91,13 @@ def split_by_size(sizes: Sequence[int], world_size: int) -> list[list[int]]:
 
 
 def _bin_size(prefix: Path) -> int:
-    """Bytes a full check reads from this shard's token file (0 when missing: opening it reports that)."""
-    try:
-        return prefix.with_name(prefix.name + ".bin").stat().st_size
-    except OSError:
-        return 0
+    """Bytes a full check reads from this shard's token file and loss mask (0 when missing: opening
+    it reports that)."""
+    size = 0
+    for path in (prefix.with_name(prefix.name + ".bin"), mask_path(prefix)):
+        with contextlib.suppress(OSError):
+            size += path.stat().st_size
+    return size
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class VerifyResult:
     error           the first failure in shard order (a message naming the file), or None
     bad_shards      prefixes of every shard that failed on this rank, in shard order
     shards_checked  shards this rank checked in its mode (full: its share; size: all)
-    bytes_checked   token and offset bytes this rank read and checksummed (0 in size mode)
+    bytes_checked   token, offset and mask bytes this rank read and checksummed (0 in size mode)
     seconds         wall time of the check
     """
 
@@ -148,6 +153,7 @@ def _check(
                 finally:
                     reader.close()
                 checked_bytes += reader.num_tokens * reader.dtype.itemsize + 8 * (reader.num_docs + 1)
+                checked_bytes += reader.num_tokens if reader.has_mask else 0
         except Exception as err:  # noqa: BLE001 (reported through agree(), never raised here)
             errors.append((str(prefix), _describe(prefix, err)))
         if mode == "size" or index in mine:

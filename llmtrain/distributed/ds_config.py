@@ -33,6 +33,10 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
         # backward pass. On CPU ranks both only add copies (measured: ZeRO-1 on one process went from
         # 9% to 3% slower than a bare loop without the contiguous buffer).
         zero.update(contiguous_gradients=has_gpu(), overlap_comm=has_gpu())
+    if cfg.optim.name == "muon" and ds.zero_stage == 3:
+        # ZeRO-3's Muon gathers each whole gradient matrix to orthogonalize it; DeepSpeed refuses that
+        # together with its reduce-scatter of gradient partitions
+        zero["reduce_scatter"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu()}
     if ds.offload_params:

@@ -6,7 +6,9 @@ H query heads, K key/value heads, Q head dim, F ffn width, V padded vocabulary.
 
 `arch: llama`  RMSNorm, SwiGLU, rotary positions (half-split pairs, as in Hugging Face), GQA, no biases.
 `arch: gpt2`   LayerNorm, tanh-GELU, learned positions, biases.
-Everything else (tying, dropout, init, padding, masking, checkpointing) is shared.
+Everything else (tying, dropout, init, padding, masking, checkpointing) is shared, and so are the
+options of newer recipes, each off by default (see ModelConfig): QK-norm, squared-ReLU MLP, logit
+soft-capping, zero-initialized head and projections, z-loss.
 """
 
 from __future__ import annotations
@@ -159,6 +161,9 @@ class Attention(nn.Module):
         H, K, Q = self.n_heads, self.n_kv_heads, self.head_dim
         self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * Q, bias=cfg.use_bias)  # q, k, v in one matmul
         self.proj = nn.Linear(H * Q, cfg.d_model, bias=cfg.use_bias)  # residual projection
+        # QK-norm: one gain per head dim, shared by the heads (as Qwen3's q_norm / k_norm)
+        self.q_norm = RMSNorm(Q, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(Q, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -176,6 +181,8 @@ class Attention(nn.Module):
         q = q.view(B, T, H, Q).transpose(1, 2)  # (B, H, T, Q)
         k = k.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
         v = v.view(B, T, K, Q).transpose(1, 2)  # (B, K, T, Q)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over Q, per head and position
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -207,7 +214,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, swiglu: Callable | None = None):
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.activation = cfg.mlp_activation
+        self.gated = self.activation == "swiglu"
         if self.gated:
             self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
         self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
@@ -219,6 +227,8 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = self.gate(x), self.up(x)  # (B, T, F) each
             h = self.swiglu(gate, up) if self.swiglu is not None else F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(self.up(x)).square()
         else:
             h = F.gelu(self.up(x), approximate="tanh")  # GPT-2's "gelu_new"
         return self.dropout(self.down(h))  # (B, T, D)
@@ -319,9 +329,14 @@ class Transformer(nn.Module):
             for weight in (block.attn.proj.weight, block.mlp.down.weight):
                 with whole([weight]):
                     nn.init.normal_(weight, mean=0.0, std=residual_std)
+                    if self.cfg.zero_init_proj:
+                        weight.zero_()  # drawn first all the same: the other weights keep their values
         for weight in (self.tok_emb.weight, self.lm_head.weight):
             with whole([weight]):
                 weight[self.vocab_size :].zero_()
+        if self.cfg.zero_init_head:
+            with whole([self.lm_head.weight]):
+                self.lm_head.weight.zero_()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Distinct parameters, not counting the vocabulary's padding rows (never used).
@@ -373,7 +388,7 @@ class Transformer(nn.Module):
                 x = block(x, rope, attn_mask)
         x = self.norm_f(x)  # (B, T, D)
         if targets is None:
-            return self.lm_head(x)  # (B, T, V)
+            return self._softcap(self.lm_head(x))  # (B, T, V)
         return self._loss(x, targets)
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -395,27 +410,62 @@ class Transformer(nn.Module):
             # chunked: never materializes the (B*T, V) logits
             return self.fused_ce(hidden, self.lm_head.weight[:V], targets, ignore_index=IGNORE_INDEX)
         # padding columns dropped: they are never a target and must not take softmax mass
-        logits = self.lm_head(hidden)[:, :V].float()  # (B*T, vocab_size), fp32 for the log-sum-exp
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        logits = self._softcap(self.lm_head(hidden)[:, :V].float())  # (B*T, V): fp32 for the log-sum-exp
+        # the mean over scored targets; a micro-batch without any (a chat prompt filling the window)
+        # contributes 0, not 0/0
+        scored = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / scored
+        if self.cfg.z_loss and self.training:
+            lse = torch.logsumexp(logits, dim=-1)  # (B*T,)
+            loss = loss + self.cfg.z_loss * (lse.square() * (targets != IGNORE_INDEX)).sum() / scored
+        return loss
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output (..., D) -> logits (..., vocab_size): final norm, head, the padding
+        columns dropped, soft-capped. What every decoder outside the model should call."""
+        return self._softcap(self.lm_head(self.norm_f(x))[..., : self.vocab_size])
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     # ------------------------------------------------------------------------------------------
     # Incremental decoding.
 
-    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run new tokens (B, T) after the `cache.length` cached ones; logits (B, T, vocab_size)."""
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens, on the model's device and dtype."""
+        return KVCache(self.cfg, batch, max_len, self.tok_emb.weight.device, self.tok_emb.weight.dtype)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run new tokens (B, T) after the `cache.length` cached ones (no cache: a whole prefix);
+        logits (B, T, vocab_size), or (B, vocab_size) of the last position with `last_only`.
+
+        By default positions continue from the cache and the mask is causal. A left-padded batch
+        passes its own: positions (B, T) counted from each row's first real token and a boolean
+        attn_mask (B, 1, T, S) that hides the padding (see llmtrain.model.sampling).
+        """
         B, T = input_ids.shape
-        start = cache.length
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
-        attn_mask = None
-        if start > 0 and T > 1:  # a chunk after a prefix: query t sees keys 0 .. start+t
-            keys = torch.arange(start + T, device=input_ids.device)
-            attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+            if start > 0 and T > 1:  # a chunk after a prefix: query t sees keys 0 .. start+t
+                keys = torch.arange(start + T, device=input_ids.device)
+                attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
         x = self._embed(input_ids, positions)
         rope = self._rope(positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, attn_mask, cache, layer)
-        cache.length += T
-        return self.lm_head(self.norm_f(x))[..., : self.vocab_size]
+        if cache is not None:
+            cache.length += T
+        return self.output_logits(x[:, -1] if last_only else x)
 
     @torch.no_grad()
     def generate(
@@ -426,37 +476,40 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        *,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Append up to max_new_tokens sampled tokens to input_ids (B, T0) using a KV cache.
+        """Append up to max_new_tokens sampled tokens to input_ids (B, T0), with a KV cache unless
+        `use_cache=False` (the whole prefix recomputed each step: the same tokens, slower).
 
         temperature <= 0 means greedy. Rows that emitted eos_id are padded with eos_id; decoding
-        stops when every row has.
+        stops when every row has. Prompts of different lengths, per-row generators, streaming and
+        stop strings: `llmtrain.model.sampling.decode`.
         """
+        from llmtrain.model.sampling import SamplingParams, decode
+
         B, T0 = input_ids.shape
-        total = T0 + max_new_tokens
-        if total > self.cfg.max_seq_len:
+        if T0 + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(
                 f"prompt of {T0} tokens + {max_new_tokens} new exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         was_training = self.training
         self.eval()  # restored even when sampling fails, so a caller's training run is not left in eval
         try:
-            cache = KVCache(self.cfg, B, total, input_ids.device, self.tok_emb.weight.dtype)
-            out = [input_ids]
-            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            logits = self.decode_step(input_ids, cache)[:, -1]  # prefill: (B, vocab_size)
-            for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, generator)  # (B,)
-                if eos_id is not None:
-                    token = torch.where(done, torch.full_like(token, eos_id), token)
-                    done |= token == eos_id
-                out.append(token[:, None])
-                if step == max_new_tokens - 1 or bool(done.all()):
-                    break
-                logits = self.decode_step(token[:, None], cache)[:, -1]
+            stops = () if eos_id is None else (eos_id,)
+            rows = decode(
+                self, input_ids, max_new_tokens, params, rng=generator, stop_ids=stops, use_cache=use_cache
+            )
         finally:
             self.train(was_training)
-        return torch.cat(out, dim=1)
+        width = max((len(r) for r in rows), default=0)
+        fill = 0 if eos_id is None else eos_id  # only rows that ended on eos_id are short
+        new = [r + [fill] * (width - len(r)) for r in rows]
+        new_ids = torch.tensor(new, dtype=input_ids.dtype, device=input_ids.device).reshape(B, width)
+        return torch.cat([input_ids, new_ids], dim=1)
 
 
 def sample(
@@ -464,13 +517,13 @@ def sample(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else top-k softmax sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else softmax sampling after
+    top-k / top-p (`llmtrain.model.sampling`); `seen` (B, V) marks tokens the penalty applies to."""
+    from llmtrain.model.sampling import SamplingParams, next_tokens
+
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    return next_tokens(logits, params, generator, seen)

@@ -9,7 +9,8 @@ from typing import Any
 from llmtrain.errors import ConfigError, check, check_choice
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "muon")
+MUON_NS_METHODS = ("gram", "standard")
 SCHEDULES = ("cosine", "wsd", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("online", "offline", "disabled")
@@ -44,22 +45,49 @@ class TrainConfig:
     val_batches: int | None = 20
     """Micro-batches per validation pass; None = the whole validation split."""
     init_from: str | None = None
-    """A Hugging Face model folder (config.json + model.safetensors, e.g. from `llmtrain export`) whose
-    weights start a fresh run; ignored when resuming. Its shape must match model.*."""
+    """Pretrained weights that start a fresh run (continued pretraining, fine-tuning), with this run's own
+    data, schedule and optimizer; ignored when resuming. One of our checkpoints (`<run>/checkpoints/step_N`,
+    or a run folder: its newest complete checkpoint; verified against its manifest, any ZeRO stage and
+    world size), or a Hugging Face folder (config.json + model.safetensors, e.g. from `llmtrain export`).
+    Its model.* shape and its tokenizer must be this run's."""
+    init_optimizer: bool = False
+    """Also take the optimizer state of an `init_from` checkpoint. Not supported: a continued run starts
+    with a fresh optimizer (use `resume=` to continue a run with its optimizer)."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (a stalled or dead rank) fails the job on every rank."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run during training (every rank scores a share), logged to
+    metrics.jsonl and wandb as eval/<task>/<metric>; eval.include_path / limit / num_fewshot /
+    batch_size apply. Needs `pip install -e .[eval]`."""
+    eval_every: int = 0
+    """Run train.eval_tasks every N steps (and at the end); 0 = off."""
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
+    """adamw | muon. muon: DeepSpeed's MuonWithAuxAdam, orthogonalized momentum (Jordan et al. 2024,
+    "Muon") for the hidden weight matrices, AdamW for embeddings, the output head, norms and biases."""
     lr: float = 3e-4
+    """AdamW's peak learning rate (with optim=muon: of the AdamW half). The schedule scales every
+    parameter group by the same factor, so optim.muon_lr follows the same warmup and decay."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay of the matrices it optimizes (with optim=muon: the head, and the
+    embeddings when decay_embeddings)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     decay_norms_and_biases: bool = False
     decay_embeddings: bool = False
+    muon_lr: float = 0.02
+    """optim=muon: peak learning rate of the hidden matrices (Muon's update has unit spectral scale,
+    times sqrt(rows/cols) for tall matrices, so it is not comparable to optim.lr)."""
+    muon_momentum: float = 0.95
+    """optim=muon: Nesterov momentum of the Muon half."""
+    muon_weight_decay: float = 0.0
+    """optim=muon: decoupled weight decay of the hidden matrices (applied as w -= lr * wd * w)."""
+    muon_ns_method: str = "gram"
+    """optim=muon: Newton-Schulz variant, gram (iterates on the small Gram matrix) | standard (quintic NS5)."""
 
 
 @dataclass
@@ -170,9 +198,28 @@ def check_train_config(train: TrainConfig, *, max_seq_len: int) -> None:
     vb = train.val_batches
     check(vb is None or vb > 0, "train.val_batches", f"must be positive (or null for all), got {vb}")
     check(
+        not train.init_optimizer,
+        "train.init_optimizer",
+        "is not supported: train.init_from starts with a fresh optimizer (resume=<checkpoint> continues a run "
+        "with its optimizer state)",
+    )
+    check(
         train.collective_timeout_s > 0,
         "train.collective_timeout_s",
         f"must be positive, got {train.collective_timeout_s}",
+    )
+    check(
+        train.eval_every >= 0, "train.eval_every", f"must not be negative (0 = off), got {train.eval_every}"
+    )
+    check(
+        not (train.eval_every > 0 and not train.eval_tasks),
+        "train.eval_every",
+        f"{train.eval_every} needs train.eval_tasks=[...] (or 0 for no in-loop evaluation)",
+    )
+    check(
+        not (train.eval_tasks and train.eval_every == 0),
+        "train.eval_tasks",
+        "are set but train.eval_every=0 (off); set train.eval_every=N",
     )
 
 
@@ -184,6 +231,16 @@ def check_optim_config(optim: OptimConfig) -> None:
         value = getattr(optim, key)
         check(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
     check(optim.eps > 0, "optim.eps", f"must be positive, got {optim.eps}")
+    check(optim.muon_lr > 0, "optim.muon_lr", f"must be positive, got {optim.muon_lr}")
+    check(
+        0 <= optim.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {optim.muon_momentum}"
+    )
+    check(
+        optim.muon_weight_decay >= 0,
+        "optim.muon_weight_decay",
+        f"must not be negative, got {optim.muon_weight_decay}",
+    )
+    check_choice(optim.muon_ns_method, MUON_NS_METHODS, "optim.muon_ns_method")
 
 
 def check_schedule_config(schedule: ScheduleConfig) -> None:

@@ -271,6 +271,20 @@ class MetricsLogger:
         )
         self._console.write(f"step {int(step)} validation: {shown}")
 
+    def log_eval(self, step: int, metrics: dict[str, Any] | None) -> None:
+        """A downstream-evaluation record (`eval/<task>/<metric>`, `eval_s`); None (other ranks) is skipped."""
+        if not self.enabled or self._closed or metrics is None:
+            return
+        record = self._emit(step, metrics)
+        shown = ", ".join(
+            f"{k.removeprefix('eval/')} {v:.4f}"
+            for k, v in _numeric(record).items()
+            if k.startswith("eval/") and not k.endswith("_stderr")
+        )
+        seconds = record.get("eval_s")
+        took = f" ({seconds:.1f} s)" if isinstance(seconds, float) else ""
+        self._console.write(f"step {int(step)} downstream eval{took}: {shown}")
+
     def write(self, line: str) -> None:
         """A console line from rank 0 that does not break the progress bar (no-op on other ranks)."""
         if self.enabled and not self._closed:

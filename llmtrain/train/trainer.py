@@ -76,6 +76,7 @@ class Trainer:
         verification = self._start_shard_check(identity)
         resume_from, saved, universal = self._plan_resume(identity)
         self._build_loaders(identity)
+        self.downstream = self._build_downstream_eval()
         self._build_model(resume_from, load_universal=universal)
         self.phase = "verifying the shards"
         from llmtrain.data.verify import agree
@@ -155,6 +156,12 @@ class Trainer:
         universal = False
         if resume_from is not None:
             universal = uni.needs_universal(saved, self.world, cfg.deepspeed.zero_stage, resume_from)
+            if universal and cfg.optim.name == "muon":
+                raise ConfigError(
+                    f"resume={resume_from}: an optim=muon checkpoint resumes on the world size and ZeRO stage "
+                    "it was saved with only: DeepSpeed's universal format (0.19) carries AdamW's moments, not "
+                    "Muon's momentum; use those, or start a new run from its weights with train.init_from"
+                )
             if universal:
                 self.phase = "converting the checkpoint to the universal format"
                 resume_from = uni.ensure_universal(
@@ -185,6 +192,15 @@ class Trainer:
                     f"{cfg.train.seq_len} tokens; set train.val_every=0, or prepare with a larger data.val_fraction"
                 )
 
+    def _build_downstream_eval(self):
+        """`train.eval_tasks` resolved now, so a bad task name stops the run before its first step."""
+        if not self.cfg.train.eval_tasks:
+            return None
+        from llmtrain.data.tokenizer import load_tokenizer
+        from llmtrain.eval.inloop import InLoopEval
+
+        return InLoopEval(self.cfg, load_tokenizer(self.cfg.data_dir), self.device)
+
     def _build_model(self, resume_from: Path | None, *, load_universal: bool) -> None:
         """The same initial weights on every rank (or `train.init_from`'s), then per-rank randomness."""
         from llmtrain.distributed.backend import DeepSpeedBackend
@@ -203,18 +219,53 @@ class Trainer:
             model = build_model(dataclasses.replace(cfg.model, compile=False))
         if cfg.train.init_from and resume_from is None:
             from llmtrain.distributed.backend import load_into_partitioned
-            from llmtrain.model.hf import load_hf_folder
 
-            weights = load_hf_folder(cfg.train.init_from, cfg.model)
+            weights, source = self._init_weights()
             if partitioned:
                 load_into_partitioned(model, weights)
             else:
-                model.load_state_dict(weights)
-            self._say(f"initialized the weights from {cfg.train.init_from}")
+                missing, unexpected = model.load_state_dict(weights, strict=False)
+                if missing or unexpected:
+                    raise CheckpointError(
+                        f"train.init_from={source}: weights do not fit the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})"
+                    )
+            self._say(f"initialized the weights from {source}")
         self.backend = DeepSpeedBackend(
             model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=load_universal
         )
         runtime.seed_everything(runtime.rank_seed(cfg.run.seed, self.rank))
+
+    def _init_weights(self) -> tuple[dict[str, torch.Tensor], Path]:
+        """The weights `train.init_from` names, checked against this run: a Hugging Face folder
+        (safetensors), or one of our checkpoints (a `step_<N>` folder, or a run folder: its newest
+        complete one) verified against its manifest on every rank before anything is unpickled,
+        consolidated from whatever ZeRO stage and world size wrote it."""
+        from llmtrain.config import config_from_yaml
+        from llmtrain.inference import load_weights
+        from llmtrain.model.hf import load_hf_folder
+
+        cfg = self.cfg
+        key = f"train.init_from={cfg.train.init_from}"
+        source = Path(cfg.train.init_from).expanduser()
+        if (source / "config.json").is_file():
+            _check_export_tokenizer(source, self.terms.tokenizer_hash, key)
+            return load_hf_folder(source, cfg.model), source
+        path = _init_checkpoint(source, key)
+        self.phase = f"verifying {path} (train.init_from)"
+        if problem := self._verified(path):
+            raise CheckpointError(f"{key}: {problem}")
+        state = ckpt.read_state(path)
+        expected = (state.get("run") or {}).get("tokenizer_hash", state.get("tokenizer_hash"))
+        if expected and expected != self.terms.tokenizer_hash:
+            raise CheckpointError(
+                f"{key}: trained with another tokenizer (hash {expected[:12]}) than {cfg.data_dir}'s "
+                f"(hash {self.terms.tokenizer_hash[:12]}); prepare the new data with tokenizer.path=<the "
+                "source run's data.dir>/tokenizer.model"
+            )
+        _check_same_model(config_from_yaml(path / ckpt.CONFIG_FILE).model, cfg.model, key)
+        self.phase = f"loading the weights of {path} (train.init_from)"
+        return load_weights(path), path
 
     def _restore(self, resume_from: Path | None, saved: dict | None) -> None:
         """Load the checkpoint into every stateful part; write config.yaml; open the metrics."""
@@ -421,6 +472,9 @@ class Trainer:
                 self.phase = f"validation at step {step}"
                 val = evaluate(self.backend, self.val_loader, device, doc_mask=cfg.model.doc_mask)
                 self.metrics.log_val(step, val)
+            if self.downstream is not None and (step % cfg.train.eval_every == 0 or step == max_steps):
+                self.phase = f"downstream evaluation at step {step}"
+                self.metrics.log_eval(step, self.downstream.run(self.backend))
             # A periodic save that falls on a skipped update waits for the next applied one, so a run
             # of non-finite steps (which the guard may stop) leaves no checkpoint past the last good step.
             save_pending = save_pending or save_now
@@ -494,6 +548,52 @@ class Trainer:
         self.metrics.rewind(back_to)
         self._say(f"rolled back to {target.name} (step {back_to}), skipping the next {skip} batch(es)")
         return back_to
+
+
+def _init_checkpoint(source: Path, key: str) -> Path:
+    """The complete checkpoint a `train.init_from` path names (not yet verified)."""
+    if not source.is_dir():
+        raise CheckpointError(f"{key}: no such folder")
+    if (source / ckpt.STATE_FILE).is_file() or source.name.startswith("step_"):
+        if not ckpt.is_complete(source):
+            raise CheckpointError(f"{key}: checkpoint {source} is incomplete (no {ckpt.COMPLETE} marker)")
+        return source
+    run_dir = source.parent if source.name == ckpt.CHECKPOINTS else source
+    if not (run_dir / ckpt.CHECKPOINTS).is_dir():
+        raise CheckpointError(
+            f"{key}: neither a Hugging Face folder (config.json + model.safetensors) nor a llmtrain "
+            "checkpoint (checkpoints/step_<N>) or run folder"
+        )
+    found = ckpt.latest_complete(run_dir)
+    if found is None:
+        raise CheckpointError(f"{key}: no complete checkpoint under {run_dir / ckpt.CHECKPOINTS}")
+    return found
+
+
+def _check_same_model(theirs, ours, key: str) -> None:
+    """ConfigError naming the first model.* field that differs in shape or function."""
+    from llmtrain.model.hf import _SHAPE_FIELDS
+
+    fields = (*_SHAPE_FIELDS, "max_seq_len") if ours.arch == "gpt2" else _SHAPE_FIELDS  # learned positions
+    for name in fields:
+        a, b = getattr(theirs, name), getattr(ours, name)
+        if a != b:
+            raise ConfigError(f"{key}: model.{name} is {a} there but {b} in this run's config")
+
+
+def _check_export_tokenizer(folder: Path, tokenizer_hash: str, key: str) -> None:
+    """An `llmtrain export` folder records its tokenizer (llmtrain.json): it must be this run's."""
+    import json
+
+    try:
+        recorded = json.loads((folder / "llmtrain.json").read_text(encoding="utf-8")).get("tokenizer_hash")
+    except (OSError, ValueError, AttributeError):
+        return  # not one of our exports: nothing recorded to compare
+    if recorded and recorded != tokenizer_hash:
+        raise CheckpointError(
+            f"{key}: exported with another tokenizer (hash {recorded[:12]}) than this run's data.dir "
+            f"(hash {tokenizer_hash[:12]})"
+        )
 
 
 def _lr(cfg: Config, step: int) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_jobs import N, check, copy_run, deepspeed_job, losses
+from dist_jobs import N, check, copy_run, deepspeed_job, losses, single_job
 
 from llmtrain.inference import load_weights
 from llmtrain.train import checkpoint as ckpt
@@ -106,3 +106,16 @@ def test_muon_resume_on_same_ranks_is_bit_exact(runs, stage):
         assert got[step] == expected[step], (step, got[step], expected[step])
     final_ref, final = load_weights(ckpt.step_dir(ref, STEPS)), load_weights(ckpt.step_dir(run_dir, STEPS))
     assert all(torch.equal(final_ref[k], final[k]) for k in final_ref)
+
+
+def test_muon_resume_onto_another_world_size_is_refused_in_one_line(runs):
+    """DeepSpeed's universal conversion keeps AdamW's moments only: Muon's momentum would be lost."""
+    run_dir = copy_run(muon_run(runs, 1), runs.root / "muon_resume_r1")
+    resume = ckpt.step_dir(run_dir, N)
+    job = single_job(
+        runs.overrides(run_dir, "deepspeed.zero_stage=1", *MUON, f"resume={resume}"), cwd=runs.root
+    )
+    assert job.returncode == 2, job.stderr[-2000:]
+    assert "optim=muon checkpoint resumes on the world size and ZeRO stage" in job.stderr
+    assert "Traceback" not in job.stderr
+    assert not resume.with_name(resume.name + ckpt.UNIVERSAL_SUFFIX).exists()
