@@ -315,7 +315,7 @@ def _required(sd: dict[str, Tensor], name: str) -> Tensor:
 
 
 # Fields that decide the shape and the function of the model: an `init_from` folder must agree on all.
-_SHAPE_FIELDS = (
+SHAPE_FIELDS = (
     "arch",
     "n_layers",
     "d_model",
@@ -327,6 +327,8 @@ _SHAPE_FIELDS = (
     "use_bias",
     "norm_eps",
     "rope_theta",
+    "mlp_activation",
+    "qk_norm",
 )
 
 
@@ -356,7 +358,7 @@ def load_hf_folder(folder: str | Path, expect: ModelConfig) -> dict[str, Tensor]
         state, theirs = from_hf(hf_state, hf_config, vocab_multiple=expect.vocab_multiple)
     except KeyError as err:
         raise ConfigError(f"{where}: {weights_path.name} lacks tensor {err}") from None
-    for key in _SHAPE_FIELDS:
+    for key in SHAPE_FIELDS:
         a, b = getattr(theirs, key), getattr(expect, key)
         if a != b:
             raise ConfigError(f"{where}: model.{key} is {a} there but {b} in this run's config")

@@ -51,8 +51,9 @@ class TrainConfig:
     world size), or a Hugging Face folder (config.json + model.safetensors, e.g. from `llmtrain export`).
     Its model.* shape and its tokenizer must be this run's."""
     init_optimizer: bool = False
-    """Also take the optimizer state of an `init_from` checkpoint. Not supported: a continued run starts
-    with a fresh optimizer (use `resume=` to continue a run with its optimizer)."""
+    """Also take the optimizer state (Adam moments, Muon momentum) of an `init_from` checkpoint saved with
+    this world size, ZeRO stage and optimizer; the run's own lr, schedule and data still apply from
+    step 0. False: a fresh optimizer (`resume=` continues a run with everything it had)."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (a stalled or dead rank) fails the job on every rank."""
     eval_tasks: list[str] = field(default_factory=list)
@@ -198,10 +199,9 @@ def check_train_config(train: TrainConfig, *, max_seq_len: int) -> None:
     vb = train.val_batches
     check(vb is None or vb > 0, "train.val_batches", f"must be positive (or null for all), got {vb}")
     check(
-        not train.init_optimizer,
+        train.init_from is not None or not train.init_optimizer,
         "train.init_optimizer",
-        "is not supported: train.init_from starts with a fresh optimizer (resume=<checkpoint> continues a run "
-        "with its optimizer state)",
+        "needs train.init_from (the checkpoint whose optimizer state to take)",
     )
     check(
         train.collective_timeout_s > 0,

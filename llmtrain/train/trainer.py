@@ -234,7 +234,35 @@ class Trainer:
         self.backend = DeepSpeedBackend(
             model, param_groups(model, cfg.optim), cfg, self.world, self.device, load_universal=load_universal
         )
+        if cfg.train.init_from and cfg.train.init_optimizer and resume_from is None:
+            self._init_optimizer(source)
         runtime.seed_everything(runtime.rank_seed(cfg.run.seed, self.rank))
+
+    def _init_optimizer(self, source: Path) -> None:
+        """`train.init_optimizer`: the optimizer state (Adam moments, Muon momentum, step counts) of the
+        `init_from` checkpoint (checked to fit by `_check_init_optimizer`), loaded through DeepSpeed;
+        this run's own hyperparameters, schedule, loader and step counter."""
+        self.phase = f"loading the optimizer state of {source} (train.init_optimizer)"
+        self.backend.load(source)  # verified in _init_weights, on every rank
+        self._say(f"initialized the optimizer state from {source}")
+
+    def _check_init_optimizer(self, source: Path, theirs: Config | None) -> None:
+        """DeepSpeed's optimizer shards load into the layout they were saved from only: the same world
+        size, ZeRO stage and optimizer. Checked before any weight is read."""
+        key = f"train.init_optimizer (train.init_from={source})"
+        if theirs is None:
+            raise ConfigError(f"{key}: a Hugging Face folder has no optimizer state; leave it false")
+        saved_world = int(ckpt.read_state(source).get("world_size", 0))
+        for what, there, here in (
+            ("the world size", saved_world, self.world),
+            ("deepspeed.zero_stage", theirs.deepspeed.zero_stage, self.cfg.deepspeed.zero_stage),
+            ("optim.name", theirs.optim.name, self.cfg.optim.name),
+        ):
+            if there != here:
+                raise ConfigError(
+                    f"{key}: {what} is {there} there but {here} here; the optimizer state loads into the "
+                    "same layout only (leave train.init_optimizer=false for a fresh optimizer)"
+                )
 
     def _init_weights(self) -> tuple[dict[str, torch.Tensor], Path]:
         """The weights `train.init_from` names, checked against this run: a Hugging Face folder
@@ -250,6 +278,8 @@ class Trainer:
         source = Path(cfg.train.init_from).expanduser()
         if (source / "config.json").is_file():
             _check_export_tokenizer(source, self.terms.tokenizer_hash, key)
+            if cfg.train.init_optimizer:
+                self._check_init_optimizer(source, None)
             return load_hf_folder(source, cfg.model), source
         path = _init_checkpoint(source, key)
         self.phase = f"verifying {path} (train.init_from)"
@@ -263,7 +293,10 @@ class Trainer:
                 f"(hash {self.terms.tokenizer_hash[:12]}); prepare the new data with tokenizer.path=<the "
                 "source run's data.dir>/tokenizer.model"
             )
-        _check_same_model(config_from_yaml(path / ckpt.CONFIG_FILE).model, cfg.model, key)
+        theirs = config_from_yaml(path / ckpt.CONFIG_FILE)
+        _check_same_model(theirs.model, cfg.model, key)
+        if cfg.train.init_optimizer:
+            self._check_init_optimizer(path, theirs)
         self.phase = f"loading the weights of {path} (train.init_from)"
         return load_weights(path), path
 
@@ -572,9 +605,9 @@ def _init_checkpoint(source: Path, key: str) -> Path:
 
 def _check_same_model(theirs, ours, key: str) -> None:
     """ConfigError naming the first model.* field that differs in shape or function."""
-    from llmtrain.model.hf import _SHAPE_FIELDS
+    from llmtrain.model.hf import SHAPE_FIELDS
 
-    fields = (*_SHAPE_FIELDS, "max_seq_len") if ours.arch == "gpt2" else _SHAPE_FIELDS  # learned positions
+    fields = (*SHAPE_FIELDS, "max_seq_len") if ours.arch == "gpt2" else SHAPE_FIELDS  # learned positions
     for name in fields:
         a, b = getattr(theirs, name), getattr(ours, name)
         if a != b:

@@ -142,7 +142,9 @@ def test_a_source_of_another_shape_or_tokenizer_is_one_line_naming_what_differs(
     assert "trained with another tokenizer (hash 000000000000)" in err
 
 
-def test_missing_or_incomplete_sources_and_init_optimizer_are_one_line(trained, tmp_path, env, capsys):
+def test_missing_or_incomplete_sources_and_a_mismatched_init_optimizer_are_one_line(
+    trained, tmp_path, env, capsys
+):
     base = [*trained, *CONTINUE, f"run.dir={tmp_path / 'continued'}"]
     err = _train_error([*base, f"train.init_from={tmp_path / 'nothing'}"], capsys)
     assert f"train.init_from={tmp_path / 'nothing'}: no such folder" in err
@@ -155,5 +157,27 @@ def test_missing_or_incomplete_sources_and_init_optimizer_are_one_line(trained, 
     assert f"no complete checkpoint under {copy / 'checkpoints'}" in err
     err = _train_error([*base, f"train.init_from={tmp_path}"], capsys)
     assert "neither a Hugging Face folder" in err
-    err = _train_error([*base, f"train.init_from={_source(trained)}", "train.init_optimizer=true"], capsys)
-    assert "train.init_optimizer: is not supported" in err
+    err = _train_error(
+        [*base, f"train.init_from={_source(trained)}", "train.init_optimizer=true", "deepspeed=zero2"], capsys
+    )
+    assert "deepspeed.zero_stage is 1 there but 2 here" in err
+
+
+def test_init_optimizer_carries_the_adam_moments_over(trained, tmp_path, env):
+    """One step from the same weights on the same batch: a fresh AdamW moves every weight by lr (its
+    first step is lr * sign(grad)); with the source's moments most weights move by something else."""
+    from llmtrain.inference import load_weights
+    from llmtrain.train.trainer import main
+
+    source = _source(trained)
+    before = load_weights(source / "checkpoints" / "step_6")["blocks.0.mlp.up.weight"]
+    moved = {}
+    for carry in (False, True):
+        run_dir = tmp_path / f"carry_{carry}"
+        overrides = [*trained, *CONTINUE, "checkpoint.at_end=true", f"run.dir={run_dir}"]
+        overrides += [f"train.init_from={source}", f"train.init_optimizer={str(carry).lower()}"]
+        assert main(load_config(overrides)) == 0
+        after = load_weights(run_dir / "checkpoints" / "step_1")["blocks.0.mlp.up.weight"]
+        at_lr = ((after - before).abs() - 1e-3).abs() < 1e-5  # optim.lr=1e-3, no weight decay
+        moved[carry] = float(at_lr.float().mean())
+    assert moved[False] > 0.99 and moved[True] < 0.5, moved
