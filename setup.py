@@ -29,6 +29,8 @@ setup(
         "eval": ["lm_eval>=0.4.8", "sacrebleu>=2.3"],
         # The `clean` stage of `llmtrain prepare` (dedup, quality filters, decontamination).
         "clean": ["datatrove[processing]>=0.6"],
+        # `prepare.executor=ray`: the clean stage as a Ray job (a local Ray runtime, or a cluster's).
+        "ray": ["datatrove[processing]>=0.6", "ray[default]>=2.9"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
