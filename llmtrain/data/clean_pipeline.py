@@ -13,8 +13,12 @@ Imported only when cleaning is on (it imports datatrove).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +39,9 @@ from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig as DtExactDedu
 from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
 from llmtrain.data import clean_steps as steps
-from llmtrain.data.clean_state import SUBMITTED_FILE, CleanPending, CleanResult
+from llmtrain.data.clean_state import SUBMITTED_FILE, CleanPending, CleanResult, read_json
 from llmtrain.data.config import CleanConfig, SourceConfig
-from llmtrain.errors import UserError
+from llmtrain.errors import ConfigError, DataError, UserError
 
 
 @dataclass
@@ -221,21 +225,21 @@ def run_stages(cfg, name: str, stages: list[Stage], workers: int, folder: Path) 
         _run_slurm(cfg, name, stages, folder)
         return
     if executor == "ray":
-        _init_ray(cfg)
+        if any(_completed(s) < s.tasks for s in stages):
+            with ray_runtime(cfg.prepare.ray, workers):
+                _run_local_or_ray(cfg, name, stages, workers)
+        return
+    _run_local_or_ray(cfg, name, stages, workers)
+
+
+def _run_local_or_ray(cfg, name: str, stages: list[Stage], workers: int) -> None:
+    executor = cfg.prepare.executor
     for stage in stages:
         if _completed(stage) == stage.tasks:
             continue
         t0 = time.perf_counter()
         if executor == "ray":
-            r = cfg.prepare.ray
-            run = steps.RayExecutor(
-                stage.pipeline,
-                tasks=stage.tasks,
-                workers=-1,
-                logging_dir=str(stage.dir),
-                cpus_per_task=r.cpus_per_task,
-                mem_per_cpu_gb=r.mem_per_cpu_gb,
-            )
+            run = _ray_executor(cfg.prepare.ray, stage)
         else:
             _preload_workers()
             run = steps.LocalExecutor(
@@ -245,6 +249,8 @@ def run_stages(cfg, name: str, stages: list[Stage], workers: int, folder: Path) 
                 logging_dir=str(stage.dir),
             )
         run.run()
+        if executor == "ray":
+            _raise_failed_ray_task(name, stage)
         if cfg.prepare.progress:
             print(
                 f"clean {name}: {stage.name} ({stage.tasks} tasks) {time.perf_counter() - t0:.1f} s",
@@ -260,13 +266,84 @@ def _preload_workers() -> None:
     multiprocess.get_context("forkserver").set_forkserver_preload(["llmtrain.data.clean_pipeline"])
 
 
-def _init_ray(cfg) -> None:
+@contextlib.contextmanager
+def ray_runtime(r, workers: int):
+    """Ray for the clean stage: the cluster at `prepare.ray.address`, or (unset) a private local
+    runtime of `workers` CPUs, with no dashboard, no usage reporting and its files in a fresh /tmp
+    folder, shut down and removed afterwards. A Ray session already open in this process is used."""
     try:
         import ray
     except ImportError:
-        raise UserError("prepare.executor=ray needs Ray: pip install 'ray[default]'") from None
-    if not ray.is_initialized():
-        ray.init(address=cfg.prepare.ray.address, log_to_driver=False)
+        raise UserError("prepare.executor=ray needs Ray: pip install -e .[ray]") from None
+    if ray.is_initialized():
+        yield
+        return
+    temp = None
+    if r.address is None:
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray would otherwise report usage over the network
+        cpus = max(workers, r.cpus_per_task)
+        # a short path: Ray's sockets live under it (unix socket paths are limited to ~107 bytes)
+        temp = tempfile.mkdtemp(prefix="llmtrain-ray-", dir="/tmp")
+        ray.init(
+            address="local",  # never attach to another Ray instance on this machine (or RAY_ADDRESS)
+            num_cpus=cpus,
+            num_gpus=0,
+            # as much reservable memory as `cpus` tasks ask for, so the reservation never blocks here
+            _memory=int(cpus * r.mem_per_cpu_gb * 2**30),
+            object_store_memory=128 * 2**20,  # it only carries the pickled executor to the tasks
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            _temp_dir=temp,
+            # datatrove's Ray tasks write their logs under the temp dir first: keep them in ours
+            runtime_env={"env_vars": {"TMPDIR": temp}},
+        )
+    else:
+        ray.init(address=r.address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray_executor(r, stage: Stage):
+    from loguru import logger
+
+    if r.address is None:  # its warning that logging_dir must be shared: one machine shares it
+        logger.disable("datatrove.executor.ray")
+    try:
+        return steps.RayExecutor(
+            stage.pipeline,
+            tasks=stage.tasks,
+            workers=-1,
+            logging_dir=str(stage.dir),
+            cpus_per_task=r.cpus_per_task,
+            mem_per_cpu_gb=r.mem_per_cpu_gb,
+        )
+    finally:
+        logger.enable("datatrove.executor.ray")
+
+
+def _raise_failed_ray_task(name: str, stage: Stage) -> None:
+    """datatrove's Ray executor returns after failed tasks: raise the first failure as the local
+    executor would (an llmtrain error keeps its class and one-line message)."""
+    done = stage.dir / "completions"
+    failed = [r for r in range(stage.tasks) if not (done / f"{r:05d}").is_file()]
+    if not failed:
+        return
+    rank = failed[0]
+    error = read_json(stage.dir / steps.RAY_ERRORS / f"{rank:05d}.json") or {}
+    kind, message = error.get("type", ""), error.get("message", "")
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in (UserError, ConfigError, DataError)}
+    if kind in known:
+        raise known[kind](message)
+    why = f"{kind.rsplit('.', 1)[-1]}: {message}" if kind else "its Ray worker stopped"
+    raise UserError(
+        f"clean {name}: stage {stage.name}: {len(failed)} of {stage.tasks} Ray tasks failed, task {rank}: "
+        f"{why} (log: {stage.dir / 'logs' / f'task_{rank:05d}.log'}); rerun to retry the unfinished tasks"
+    )
 
 
 def _run_slurm(cfg, name: str, stages: list[Stage], folder: Path) -> None:

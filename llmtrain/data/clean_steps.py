@@ -232,8 +232,11 @@ def quiet_console() -> None:
     logger.add(sys.__stderr__, level="WARNING", format="datatrove {level}: {message}")
 
 
-def _run_quietly(run, rank: int, local_rank: int, node_rank: int):
-    import datatrove.executor.base as base
+def _run_quietly(run, rank: int, local_rank: int, node_rank: int, base=None):
+    """`base`: the module whose task-logger names the executor calls (datatrove's Ray executor
+    imports its own copies)."""
+    if base is None:
+        import datatrove.executor.base as base
 
     if os.environ.get("LLMTRAIN_DEBUG"):
         return run(rank, local_rank, node_rank)
@@ -258,6 +261,20 @@ class SlurmExecutor(SlurmPipelineExecutor):
         return _run_quietly(super()._run_for_rank, rank, local_rank, node_rank)
 
 
+RAY_ERRORS = "errors"
+
+
 class RayExecutor(RayPipelineExecutor):
+    """datatrove's Ray executor only logs a task's exception; each failed task also leaves
+    `errors/<rank>.json` (the exception's class and message) for the driver to raise."""
+
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        return _run_quietly(super()._run_for_rank, rank, local_rank, node_rank)
+        import datatrove.executor.ray as ray_executor
+
+        try:
+            return _run_quietly(super()._run_for_rank, rank, local_rank, node_rank, ray_executor)
+        except Exception as err:
+            kind = f"{type(err).__module__}.{type(err).__qualname__}"
+            with self.logging_dir.open(f"{RAY_ERRORS}/{rank:05d}.json", "w") as f:
+                json.dump({"type": kind, "message": str(err)}, f)
+            raise

@@ -266,10 +266,11 @@ class SlurmConfig:
 
 @dataclass
 class RayConfig:
-    """`prepare.executor=ray`: the clean stage as Ray tasks (needs `pip install ray`)."""
+    """`prepare.executor=ray`: the clean stage as Ray tasks (needs `pip install -e .[ray]`)."""
 
     address: str | None = None
-    """Cluster address for ray.init (e.g. `auto`); None: a local Ray instance."""
+    """Cluster address for ray.init (e.g. `auto`); None: a private local Ray runtime of
+    `prepare.workers` CPUs, started for the clean stage and shut down after it."""
     cpus_per_task: int = 1
     mem_per_cpu_gb: float = 2.0
 
