@@ -321,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(BENCH / "out" / "ablate"))
     parser.add_argument("--rerun", action="store_true", help="train again although a finished run exists")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: the table and plot of the finished runs in --out",
+    )
     parser.add_argument("--speed", action="store_true", help="only the interleaved throughput rounds")
     parser.add_argument("--speed-steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
@@ -338,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in names:
-            run_dir = run_variant(name, VARIANTS[name][1], seed, out, args)
+            if args.table_only:
+                run_dir = out / "runs" / f"{name}_s{seed}"
+                if not (run_dir / "checkpoints" / f"step_{args.steps}" / "COMPLETE").exists():
+                    continue
+            else:
+                run_dir = run_variant(name, VARIANTS[name][1], seed, out, args)
             results = [r for r in results if (r["variant"], r["seed"]) != (name, seed)]
             results.append(summarize(name, seed, run_dir, micro_batch=16))
             results_path.write_text(json.dumps(results, indent=1))
