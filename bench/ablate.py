@@ -242,7 +242,9 @@ def table(results: list[dict], baseline: str) -> str:
         bpb = [r["report_bpb"] for r in runs]
         spread = f" ± {statistics.stdev(bpb):.4f}" if len(bpb) > 1 else ""
         reach = [steps_to_reach(r["val_curve"], base_final) for r in runs]
-        if all(x is not None for x in reach):
+        if name == baseline:
+            reach_text = "(the baseline)"
+        elif all(x is not None for x in reach):
             frac = statistics.mean(reach) * runs[0]["tokens_per_step"] / runs[0]["tokens"]
             reach_text = f"{statistics.mean(reach) * runs[0]['tokens_per_step'] / 1e6:.2f}M ({frac:.0%})"
         else:
@@ -267,10 +269,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    colors = plt.get_cmap("tab20")(range(len(variants)))  # one color per variant, a dash per extra seed
     for r in results:
         steps, losses = zip(*r["val_curve"])
         tokens = [s * r["tokens_per_step"] / 1e6 for s in steps]
-        ax.plot(tokens, losses, label=f"{r['variant']} (seed {r['seed']})", linewidth=1.2)
+        color = colors[variants.index(r["variant"])]
+        style = "-" if r["seed"] == min(x["seed"] for x in results if x["variant"] == r["variant"]) else "--"
+        ax.plot(tokens, losses, style, color=color, label=f"{r['variant']} (seed {r['seed']})", linewidth=1.2)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss, tune half (nats/token)")
     ax.set_title("Equal-budget ablations: held-out loss per token")
@@ -281,24 +287,23 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def speed_rounds(names: list[str], args) -> int:
-    """Short runs of each variant, interleaved over rounds, one at a time: tokens/s ratios to the first."""
+    """Short runs of each variant, interleaved over rounds, one at a time: tokens/s ratios to the first.
+
+    A run logs every 5 steps; its figure is the median window after the first (which holds start-up
+    and torch.compile of Muon's Newton-Schulz step). Validation and saving are outside the windows.
+    """
+    from llmtrain.train.metrics import read_metrics
+
     out = Path(args.out) / "speed"
     rates: dict[str, list[float]] = {n: [] for n in names}
+    sub = argparse.Namespace(**{**vars(args), "steps": args.speed_steps, "val_every": 5, "rerun": True})
     for rnd in range(args.rounds):
-        order = names if rnd % 2 == 0 else list(reversed(names))
-        for name in order:
-            sub = argparse.Namespace(
-                **{**vars(args), "steps": args.speed_steps, "val_every": args.speed_steps, "rerun": True}
-            )
-            run_dir = run_variant(
-                name, VARIANTS[name][1] + ["train.val_every=0", "checkpoint.at_end=false"], rnd, out, sub
-            )
-            from llmtrain.train.metrics import read_metrics
-
+        for name in names if rnd % 2 == 0 else list(reversed(names)):
+            run_dir = run_variant(name, VARIANTS[name][1], rnd, out, sub)
             speed = [
                 r["tokens_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "tokens_per_s" in r
             ]
-            rates[name].append(speed[-1])
+            rates[name].append(statistics.median(speed[1:] or speed))
     base = statistics.median(rates[names[0]])
     for name in names:
         med = statistics.median(rates[name])

@@ -245,6 +245,7 @@ def test_stalled_rank_fails_the_job_within_the_collective_timeout(runs):
     assert "step 3" in lines[0] and f"collective_timeout_s={timeout}" in lines[0], lines
 
 
+@pytest.mark.slow  # a fault trial: 88 s of the CI budget in the last rehearsal
 @pytest.mark.multiprocess
 def test_second_sigterm_ends_the_job_at_once(runs):
     """SIGTERM to the job's process group, as a scheduler sends it: every rank gets it directly and

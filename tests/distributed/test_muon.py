@@ -25,6 +25,9 @@ MUON = [
 # orthogonalized updates too, but their early gradients are so ill-conditioned that five
 # Newton-Schulz steps leave the smallest singular values short of one.)
 HIDDEN = "blocks.0.mlp.up.weight"
+# DeepSpeed torch.compiles its Newton-Schulz step once per matrix shape and rank: ~40 s of a job on
+# 2 cores. The tests check what the step computes, so it runs eagerly here.
+EAGER = {"TORCH_COMPILE_DISABLE": "1"}
 
 
 def muon_run(runs, stage: int, *extra: str) -> object:
@@ -33,7 +36,9 @@ def muon_run(runs, stage: int, *extra: str) -> object:
         run_dir = runs.root / name
         check(
             deepspeed_job(
-                runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", *MUON, *extra), cwd=runs.root
+                runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", *MUON, *extra),
+                cwd=runs.root,
+                **EAGER,
             )
         )
         runs.cache[name] = run_dir
@@ -98,7 +103,9 @@ def test_muon_resume_on_same_ranks_is_bit_exact(runs, stage):
     resume = ckpt.step_dir(run_dir, N)
     check(
         deepspeed_job(
-            runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", *MUON, f"resume={resume}"), cwd=runs.root
+            runs.overrides(run_dir, f"deepspeed.zero_stage={stage}", *MUON, f"resume={resume}"),
+            cwd=runs.root,
+            **EAGER,
         )
     )
     expected, got = losses(ref), losses(run_dir)

@@ -115,6 +115,7 @@ def test_resume_on_one_rank_continues_bit_exact(runs, stage):
     assert state["world_size"] == 1 and state["loader"]["next_sample"] == STEPS * 8
 
 
+@pytest.mark.slow  # 60 s; the default suite keeps the 2 -> 1 universal resumes above
 def test_save_on_one_rank_resume_on_two_continues_bit_exact(runs):
     """1 rank -> 2 ranks with ZeRO-2; the 1-rank run itself equals the 2-rank run from scratch.
 
