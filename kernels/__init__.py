@@ -84,19 +84,31 @@ def fused_linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    triton: bool = True,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` over non-ignored tokens, without
+    """Cross-entropy of `hidden @ weight.T` against `targets` over non-ignored tokens, without
     materializing the (tokens x vocab) logits.
 
     hidden (N, D) or (..., D); weight (V, D) (a slice weight[:vocab] of a padded head is fine);
     targets (N,) or (...) with ignore_index marking tokens that do not count. chunk_size None picks
-    default_chunk_size(N, D, V, floor) with floor 4096 rows on CUDA, 256 on the CPU. Same value and gradients as F.cross_entropy(hidden @ weight.T) (nan
-    when every target is ignored, as there).
+    default_chunk_size(N, D, V, floor) with floor 4096 rows on CUDA, 256 on the CPU. Same value and
+    gradients as F.cross_entropy(hidden @ weight.T) (nan when every target is ignored, as there);
+    reduction "sum" returns the summed loss instead of the mean. `softcap` c scores c * tanh(logits / c);
+    `z_loss` adds z_loss * logsumexp^2 per scored row. Those two run the PyTorch chunk on every device
+    (the Triton kernel computes the plain cross-entropy), still chunk by chunk. triton=False runs the
+    PyTorch chunk even where the Triton kernel could.
     """
-    if _use_triton(hidden, weight):
+    if triton and _use_triton(hidden, weight) and softcap is None and not z_loss:
         from .triton_ce import chunk_cross_entropy_triton
 
         chunk_ce = chunk_cross_entropy_triton
-    else:
+    elif softcap is None and not z_loss:
         chunk_ce = chunk_cross_entropy_ref
-    return chunked_linear_cross_entropy(hidden, weight, targets, chunk_ce, ignore_index, chunk_size)
+    else:
+        chunk_ce = functools.partial(chunk_cross_entropy_ref, softcap=softcap, z_loss=z_loss)
+    return chunked_linear_cross_entropy(
+        hidden, weight, targets, chunk_ce, ignore_index, chunk_size, reduction
+    )

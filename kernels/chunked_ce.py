@@ -111,14 +111,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         chunk_ce: ChunkCE,
         need_grad: bool,
+        mean: bool,
     ) -> torch.Tensor:
         num_tokens, _ = hidden.shape
         need_h = need_grad and ctx.needs_input_grad[0]
         need_w = need_grad and ctx.needs_input_grad[1]
         n_valid = (targets != ignore_index).sum()
-        # Ignored rows get zero gradient, so clamping only matters when every row is ignored: the loss
+        # Ignored rows get zero gradient, so clamping only matters when every row is ignored: the mean
         # is then 0/0 = nan and the gradients zero, exactly as F.cross_entropy.
-        grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+        if mean:
+            grad_scale = 1.0 / n_valid.clamp(min=1).to(torch.float32)
+        else:
+            grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -133,7 +137,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w = _accumulate_weight_grad(grad_w, logits, h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid.to(torch.float32)
+        return loss_sum / n_valid.to(torch.float32) if mean else loss_sum
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -142,7 +146,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -152,8 +156,12 @@ def chunked_linear_cross_entropy(
     chunk_ce: ChunkCE,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Flatten leading dims, check inputs, pick the chunk size and run the fused autograd function."""
+    """Flatten leading dims, check inputs, pick the chunk size and run the fused autograd function.
+
+    reduction "mean" divides by the scored (non-ignored) tokens, "sum" leaves that to the caller (who
+    may prefer 0 to nan for a batch without any)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     check_inputs(
@@ -164,16 +172,19 @@ def chunked_linear_cross_entropy(
         chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], floor)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    mean = reduction == "mean"
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device_type = hidden.device.type
     if not torch.is_autocast_enabled(device_type):
         return ChunkedLinearCrossEntropy.apply(
-            hidden, weight, targets, ignore_index, chunk_size, chunk_ce, need_grad
+            hidden, weight, targets, ignore_index, chunk_size, chunk_ce, need_grad, mean
         )
     # Under autocast the matmuls run in the autocast dtype, as a plain linear layer would; the casts stay
     # outside the function so autograd carries the gradients back to fp32 parameters.
     dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
         return ChunkedLinearCrossEntropy.apply(
-            hidden.to(dtype), weight.to(dtype), targets, ignore_index, chunk_size, chunk_ce, need_grad
+            hidden.to(dtype), weight.to(dtype), targets, ignore_index, chunk_size, chunk_ce, need_grad, mean
         )

@@ -32,23 +32,51 @@ def naive_linear_cross_entropy(
 
 
 def chunk_cross_entropy_ref(
-    logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Per-row cross-entropy of one chunk of logits (C, V); returns the summed loss (fp32 scalar).
 
     Overwrites `logits` in place with d(loss_sum * grad_scale)/d(logits), so the chunk buffer is reused
     for the gradient (the contract the Triton kernel also follows). Ignored rows get zero loss and zero
-    gradient.
+    gradient. With `softcap` c the rows are first soft-capped, z = c * tanh(logits / c) (Gemma 2), and the
+    gradient carries the tanh's factor 1 - (z/c)^2; with `z_loss` each row adds z_loss * logsumexp(z)^2
+    (PaLM), whose gradient is 2 * z_loss * logsumexp(z) * softmax(z). Written in place, chunk by chunk,
+    so that neither costs a pass over freshly allocated (tokens x vocab) memory.
     """
     x = logits.float()  # the same tensor when the logits are fp32: then everything below is in place
-    lse = torch.logsumexp(x, dim=-1)
+    tanh = None
+    if softcap is not None:
+        # tanh(l/c) as 2*sigmoid(2l/c) - 1: twice as fast as torch.tanh on a CPU, within fp32 rounding
+        tanh = x.mul_(2.0 / softcap).sigmoid_().mul_(2.0).sub_(1.0)  # x now holds tanh(logits / c)
+        x = tanh * softcap  # z, one chunk-sized buffer
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     picked = x.gather(1, safe[:, None])[:, 0]
-    loss_sum = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-    grad = x.sub_(lse[:, None]).exp_()  # softmax
-    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
-    grad *= (valid.to(grad.dtype) * grad_scale)[:, None]
+    # one exp per logit: e = exp(z - max), lse = max + log(sum e), softmax = e / sum e
+    peak = x.amax(dim=-1, keepdim=True)
+    exp = x.sub_(peak).exp_()
+    total = exp.sum(dim=-1)
+    lse = peak[:, 0] + total.log()
+    row_loss = lse - picked
+    if z_loss:
+        row_loss = row_loss + z_loss * lse.square()
+    loss_sum = torch.where(valid, row_loss, torch.zeros_like(lse)).sum()
+    row_scale = valid.to(exp.dtype) * grad_scale
+    coef = row_scale / total  # softmax and the scale in one pass
+    if z_loss:
+        coef = coef * (1.0 + 2.0 * z_loss * lse)
+    grad = exp.mul_(coef[:, None])
+    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= row_scale  # the target's -1
+    if tanh is not None:
+        tanh.square_()
+        # d z / d logits = 1 - tanh^2; lands in the logits buffer when they are fp32 (tanh is that buffer)
+        torch.addcmul(grad, grad, tanh, value=-1.0, out=tanh)
+        grad = tanh
     if grad is not logits:
         logits.copy_(grad)
     return loss_sum

@@ -16,6 +16,7 @@ import torch
 
 from llmtrain.config import Config, batch_layout
 from llmtrain.errors import ConfigError
+from llmtrain.kernels.chunked_ce import MIN_CHUNK_CUDA, default_chunk_size
 from llmtrain.model.config import ModelConfig
 
 GB = 1e9
@@ -61,7 +62,7 @@ class Activations:
     """The most held at once: `saved` plus the loss's gradients (or a recomputed block)."""
     per_layer: int
     head: int
-    """Logits and cross-entropy at their peak (logits, log-probabilities and their gradients)."""
+    """The chunked cross-entropy at its peak (one chunk of logits, the gradients it computes)."""
 
 
 @dataclass
@@ -210,13 +211,13 @@ def activation_bytes(
     """What llmtrain.model.transformer keeps for the backward pass, tensor by tensor (docs/memory.md).
 
     Shapes: b micro batch, s sequence, h d_model, H heads, kv = key/value heads x head dim, F ffn,
-    V vocabulary (Vp padded); e bytes per element of the model dtype, statistics are fp32.
+    V vocabulary (the loss reads the head without its padding rows); e bytes per element of the model dtype, statistics are fp32.
     """
     e = element_bytes(precision)
     b, s, tokens = micro_batch, seq_len, micro_batch * seq_len
     h, H, F, L = m.d_model, m.n_heads, m.ffn_dim, m.n_layers
     kv = m.kv_heads * m.head_dim
-    V, Vp = m.vocab_size, m.padded_vocab
+    V = m.vocab_size
     llama = m.arch == "llama"
     # Norms in fp32: the fp32 input (x itself in fp32), [RMSNorm: normalized x, 1/rms; LayerNorm:
     # mean, 1/std], and the output in the model dtype that the next matmul keeps.
@@ -242,12 +243,18 @@ def activation_bytes(
         inputs += s * 8  # position ids
     if m.doc_mask:
         inputs += b * s * s  # the bool document mask
-    final_norm = tokens * norm
-    # Cross-entropy: logits (Vp, model dtype), an fp32 copy, fp32 log-probs kept for backward; the
-    # backward holds log-probs, their gradient and the logits' gradient at once, all fp32.
-    head_forward = tokens * (e * Vp + 4 * V + (4 * V if e != 4 else 0))
-    head = max(head_forward, tokens * 12 * V)
-    log_probs = tokens * 4 * V
+    final_norm = tokens * (norm - e * h)  # its output feeds the chunked loss, which does not keep it
+    # Cross-entropy, chunk by chunk (llmtrain.kernels): the forward computes the gradients of the
+    # hidden states (model dtype) and of the head (an fp32 V x h accumulator) and keeps only those.
+    # At the forward's peak one chunk of C rows holds its logits (model dtype), an fp32 copy when that
+    # is narrower, and a second fp32 buffer with the soft-cap (plus a V x h product in the model dtype
+    # when that is not fp32); the backward scales the kept gradients into new tensors.
+    rows = default_chunk_size(tokens, h, V, MIN_CHUNK_CUDA)
+    kept_head = tokens * h * e + V * h * 4
+    narrow = V * h * e if e != 4 else 0
+    chunk = rows * V * (e + (4 if e != 4 else 0) + (4 if m.logit_softcap else 0))
+    head = max(kept_head + chunk + narrow, 2 * kept_head + narrow)
+    log_probs = kept_head
     # A block's backward adds the incoming gradient and, in the MLP, gradients of its F-wide inputs.
     block_backward = tokens * (e * h + (2 if llama else 1) * e * F)
     if checkpointing:
@@ -339,10 +346,10 @@ def make_plan(cfg: Config) -> Plan:
 def caveats(cfg: Config) -> list[str]:
     """Settings whose effect the activation count does not model (it counts the plain PyTorch path)."""
     notes = []
-    if cfg.model.kernels:
+    if set(cfg.model.kernels) - {"fused_ce"}:
         notes.append(
-            f"model.kernels={list(cfg.model.kernels)}: fused kernels keep less than the plain path counted "
-            "here (fused_ce never makes the logits), so the activations are an upper bound"
+            f"model.kernels={list(cfg.model.kernels)}: the fused norm and SwiGLU keep less than the plain "
+            "path counted here, so the activations are an upper bound"
         )
     if cfg.model.compile:
         notes.append("model.compile: fused graphs may keep fewer tensors; the activations are an upper bound")

@@ -171,37 +171,56 @@ def test_slurm_script_maps_slurm_variables(tmp_path):
     assert cmd[-1] == "model=tiny"
 
 
-@pytest.mark.timeout(900)  # two real launches; slow on a loaded 2-core machine
-@pytest.mark.multiprocess
-def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path):
-    """The real launcher end to end: 2 gloo ranks, then an extended run resumes and appends."""
-    common = [
-        *prepared_data.overrides,
-        "model=tiny",
-        "train.seq_len=64",
-        "train.micro_batch_size=4",
-        "run.name=launch",
-        "logging.every_steps=2",
-        "train.val_every=4",
-        "checkpoint.every_steps=4",
-        "schedule.total_steps=8",
-    ]
-    env = {"DS_ACCELERATOR": "cpu", "NPROC_PER_NODE": "2", "MASTER_PORT": "29641"}
-    first = run_script(PRETRAIN, *common, "train.max_steps=4", cwd=tmp_path, timeout=360, **env)
+LAUNCH_RUN = [
+    "model=tiny",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "run.name=launch",
+    "logging.every_steps=2",
+    "train.val_every=4",
+    "checkpoint.every_steps=4",
+    "schedule.total_steps=8",
+]
+LAUNCH_ENV = {"DS_ACCELERATOR": "cpu", "NPROC_PER_NODE": "2", "MASTER_PORT": "29641"}
+
+
+def launch_four_steps(prepared_data, tmp_path) -> Path:
+    common = [*prepared_data.overrides, *LAUNCH_RUN]
+    first = run_script(PRETRAIN, *common, "train.max_steps=4", cwd=tmp_path, timeout=360, **LAUNCH_ENV)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "launch"
+    train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train)
+    assert (run_dir / "checkpoints" / "step_4").is_dir()
+    return run_dir
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.multiprocess
+def test_pretrain_sh_trains_on_two_cpu_ranks(prepared_data, tmp_path):
+    """The real launcher end to end: 2 gloo ranks train, log, validate and checkpoint."""
+    run_dir = launch_four_steps(prepared_data, tmp_path)
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r] == [4]
+    assert (run_dir / "loss_curve.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(900)  # two real launches; slow on a loaded 2-core machine
+@pytest.mark.multiprocess
+@pytest.mark.slow  # resuming on 2 ranks is in tests/distributed; this adds the launcher around it
+def test_pretrain_sh_trains_on_two_cpu_ranks_and_resumes(prepared_data, tmp_path):
+    """An extended run through the launcher resumes and appends to the first run's records."""
+    run_dir = launch_four_steps(prepared_data, tmp_path)
     before = read_jsonl(run_dir / "metrics.jsonl")
-    second = run_script(PRETRAIN, *common, "train.max_steps=8", cwd=tmp_path, timeout=360, **env)
+    common = [*prepared_data.overrides, *LAUNCH_RUN]
+    second = run_script(PRETRAIN, *common, "train.max_steps=8", cwd=tmp_path, timeout=360, **LAUNCH_ENV)
     assert second.returncode == 0, second.stderr[-3000:]
     records = read_jsonl(run_dir / "metrics.jsonl")
     # the resumed run kept the first run's records (timings differ between runs, so a rerun from
     # step 0 would have rewritten them) and appended its own
     assert records[: len(before)] == before
-    train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
-    assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train)
-    assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "step_8").is_dir()
 
 

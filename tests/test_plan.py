@@ -180,11 +180,16 @@ def test_saved_activations_are_what_the_model_keeps_for_backward(shape):
     assert abs(planned - measured) <= 0.005 * measured, (planned, measured)
 
 
-def test_logits_are_the_largest_term_for_a_large_vocabulary():
+def test_the_chunked_loss_holds_one_chunk_of_logits_not_all_of_them():
     model = replace(_composed("llama_1b").model, vocab_size=128256)
     act = activation_bytes(model, 4, 2048, "bf16", checkpointing=False)
-    assert act.head > act.per_layer
-    assert act.head == 4 * 2048 * 12 * 128256  # log-probs, their gradient, the logits' gradient (fp32)
+    V, D, tokens = 128256, 2048, 4 * 2048
+    kept = tokens * D * 2 + V * D * 4  # the hidden states' gradient (bf16), the head's (fp32)
+    chunk = 4096 * V * (2 + 4)  # 4096 rows (the GPU floor): bf16 logits and their fp32 copy
+    assert act.head == kept + chunk + V * D * 2  # + the bf16 product added into the fp32 accumulator
+    assert act.head < tokens * 12 * V / 2  # materialized fp32 logits would take more than twice that
+    capped = activation_bytes(replace(model, logit_softcap=30.0), 4, 2048, "bf16", checkpointing=False)
+    assert capped.head == act.head + 4096 * V * 4  # the soft-cap's fp32 buffer
 
 
 def test_max_micro_batch_fits_and_one_more_does_not():

@@ -76,10 +76,6 @@ class DeepSpeedBackend:
             settings.pop("lr", None)
         self._lr_scales = lr_scales(param_groups, cfg.optim)
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
-        if cfg.deepspeed.zero_stage == 3 and getattr(model, "fused_ce", None) is not None:
-            # The fused loss reads lm_head.weight without calling lm_head: ZeRO-3 gathers a module's
-            # parameters only around its own forward, so tell it the model's forward uses this one.
-            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = model
         if cfg.model.compile:

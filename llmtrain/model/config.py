@@ -168,9 +168,3 @@ def check_model_config(cfg: ModelConfig, *, need_vocab: bool = True) -> None:
                 "kernels",
                 f"swiglu needs model.activation=swiglu (it is {cfg.mlp_activation})",
             )
-        if name == "fused_ce":
-            check(
-                cap is None and cfg.z_loss == 0,
-                "kernels",
-                "fused_ce computes the plain cross-entropy: it cannot apply model.logit_softcap or model.z_loss",
-            )

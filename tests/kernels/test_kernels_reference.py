@@ -113,6 +113,51 @@ def test_chunked_ce_all_ignored_matches_torch_nan_and_zero_grads():
     assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
 
 
+def _capped_z_loss(h, w, t, softcap, z_loss, reduction="mean"):
+    """The formula on materialized logits, differentiated by autograd."""
+    logits = h.float() @ w.float().t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    scored = t != -100
+    total = (
+        F.cross_entropy(logits, t, reduction="sum")
+        + z_loss * (torch.logsumexp(logits, -1) ** 2 * scored).sum()
+    )
+    return total / scored.sum() if reduction == "mean" else total
+
+
+@pytest.mark.parametrize("softcap, z_loss", [(2.0, 0.0), (None, 1e-2), (4.0, 1e-1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_ce_softcap_and_z_loss_equal_the_formula(softcap, z_loss, reduction):
+    h, w, t = _ce_inputs(37, 16, 300)
+    with torch.no_grad():
+        w.mul_(8)  # logits of several units: the soft-cap bends them
+    kw = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
+    loss, gh, gw = _loss_and_grads(K.fused_linear_cross_entropy, h, w, t, chunk_size=8, **kw)
+    ref, rh, rw = _loss_and_grads(_capped_z_loss, h, w, t, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((gh, rh), (gw, rw)):  # fp32 rounding, relative to the largest gradient
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_chunked_ce_softcap_bf16_close_to_the_formula():
+    h, w, t = _ce_inputs(37, 16, 300, dtype=torch.bfloat16)
+    loss, gh, gw = _loss_and_grads(K.fused_linear_cross_entropy, h, w, t, chunk_size=8, softcap=1.5)
+    ref, rh, rw = _loss_and_grads(_capped_z_loss, h, w, t, softcap=1.5, z_loss=0.0)
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    for got, want in ((gh, rh), (gw, rw)):
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_chunked_ce_sum_of_an_all_ignored_batch_is_zero():
+    h, w, t = _ce_inputs(6, 8, 20, ignore_every=1)
+    loss, gh, gw = _loss_and_grads(K.fused_linear_cross_entropy, h, w, t, chunk_size=4, reduction="sum")
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+
+
 def test_chunked_ce_grad_only_where_required():
     h, w, t = _ce_inputs(10, 8, 30)
     frozen = w.detach()
