@@ -219,18 +219,23 @@ def activation_bytes(
     kv = m.kv_heads * m.head_dim
     V = m.vocab_size
     llama = m.arch == "llama"
-    # Norms in fp32: the fp32 input (x itself in fp32), [RMSNorm: normalized x, 1/rms; LayerNorm:
-    # mean, 1/std], and the output in the model dtype that the next matmul keeps.
-    norm = 4 * h + e * h + (4 * h + 4 if llama else 8)
+    # Norms, and the output in the model dtype that the next matmul keeps. RMSNorm (its own backward)
+    # keeps its input and fp32 1/rms; LayerNorm an fp32 copy of its input (x itself in fp32), mean
+    # and 1/std.
+    norm = e * h + (e * h + 4 if llama else 4 * h + 8)
     # Attention: SDPA keeps its output and fp32 log-sum-exp; rotary makes new q, k; v (and GPT-2's
     # q, k) are views that keep the whole qkv output alive. A document mask sends SDPA to the
     # masked kernel, which wants k, v repeated to every head and keeps the mask in the model dtype.
     repeat_kv = m.doc_mask and m.kv_heads < H
-    attn = e * h + 4 * H + (e * h if llama else 0)
-    attn += 2 * e * h if repeat_kv else (e * kv if llama else 0)
-    if not (llama and repeat_kv):
+    new_qk = llama or m.qk_norm  # rotary and QK-norm hand SDPA new q and k tensors
+    attn = e * h + 4 * H + (e * h if new_qk else 0)
+    attn += 2 * e * h if repeat_kv else (e * kv if new_qk else 0)
+    if not (llama and repeat_kv) or m.qk_norm:  # QK-norm keeps its inputs, views of the qkv output
         attn += e * (h + 2 * kv)
-    mlp = (4 if llama else 2) * e * F  # SwiGLU: gate, silu(gate), up, product; GELU: its input, output
+    if m.qk_norm:
+        attn += 4 * (H + m.kv_heads)  # fp32 1/rms per query and key head
+    # SwiGLU: gate, silu(gate), up, product; GELU: its input, output; ReLU²: relu(input), output
+    mlp = (4 if m.mlp_activation == "swiglu" else 2) * e * F
     dropout_masks = 2 * h if m.dropout > 0 else 0  # CUDA's bool masks after attention and MLP
     layer = tokens * (2 * norm + attn + mlp + dropout_masks) + (b * s * s * e if m.doc_mask else 0)
 

@@ -171,6 +171,9 @@ def _saved_for_backward(cfg: ModelConfig, batch: int, seq: int) -> int:
         {"arch": "llama", "n_kv_heads": 2, "doc_mask": True},
         {"arch": "gpt2"},
         {"arch": "gpt2", "doc_mask": True, "tie_embeddings": True},
+        {"arch": "llama", "activation": "relu2", "qk_norm": True, "logit_softcap": 5.0},
+        {"arch": "llama", "n_kv_heads": 2, "doc_mask": True, "qk_norm": True},
+        {"arch": "gpt2", "qk_norm": True},
     ],
 )
 def test_saved_activations_are_what_the_model_keeps_for_backward(shape):

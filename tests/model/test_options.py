@@ -142,3 +142,17 @@ def test_the_chunked_loss_has_the_plain_gradients_with_softcap_and_z_loss():
 def test_bad_option_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_model_config(cfg(**overrides))
+
+
+def test_relu2_and_rms_norm_backwards_are_the_derivatives():
+    """Both are autograd Functions with their backward written out: gradcheck them in float64."""
+    from llmtrain.model.transformer import ReLUSquared, RMSNormFunction
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (x,))
+    assert torch.autograd.gradcheck(lambda a, w: RMSNormFunction.apply(a, w, 1e-5), (x, weight))
+    # and the value is the formula's
+    rms = x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), x / rms * weight)
