@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,10 @@ def run_variant(name: str, overrides: list[str], seed: int, out: Path, args) -> 
     if done.exists() and not args.rerun:
         print(f"ablate: {name} seed {seed}: done before, reused ({run_dir})")
         return run_dir
+    if run_dir.is_symlink():  # a table gathered from runs elsewhere: leave those runs alone
+        run_dir.unlink()
+    elif run_dir.exists():  # a rerun, or an unfinished run: start it over
+        shutil.rmtree(run_dir)
     cmd = [
         sys.executable, "-m", "llmtrain.train",
         *(["--config-dir", str(args.config_dir)] if args.config_dir else []),

@@ -154,3 +154,21 @@ def test_vs_nanogpt_rejects_a_folder_without_train_py(tmp_path):
     (tmp_path / "model.py").write_text("")
     proc = run([sys.executable, str(BENCH / "vs_nanogpt.py"), f"--nanogpt={tmp_path}"])
     assert proc.returncode == 2 and "train.py and model.py not found" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- bench_options.py
+
+
+def test_bench_options_times_each_variant_against_the_first():
+    proc = run(
+        [sys.executable, str(BENCH / "bench_options.py"), "--variants", "llama,modern", "--rounds", "1"]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"llama", "modern"}
+    assert float(rows["llama"][2]) == 1.0 and float(rows["modern"][0]) > 0
+
+
+def test_bench_options_names_an_unknown_variant():
+    proc = run([sys.executable, str(BENCH / "bench_options.py"), "--variants", "llama,nope"])
+    assert proc.returncode == 1 and "unknown variant(s) nope" in proc.stderr

@@ -82,6 +82,9 @@ class RMSNormFunction(torch.autograd.Function):
         xf = x.to(_at_least_fp32(x))
         mean_square = torch.linalg.vecdot(xf, xf).div_(xf.shape[-1])  # (...,): one pass, no x² tensor
         rstd = mean_square.add_(eps).rsqrt_().unsqueeze(-1)  # (..., 1)
+        # A sum of squares past fp32's range (|x| ~ 1e19) gives rstd 0 and a quietly zero output with
+        # zero gradients: make it nan instead, so that the loss and the non-finite guard see it.
+        rstd.masked_fill_(rstd == 0, float("nan"))
         ctx.save_for_backward(x, weight, rstd)
         return (xf * rstd).mul_(weight.to(xf.dtype)).to(x.dtype)
 

@@ -156,3 +156,12 @@ def test_relu2_and_rms_norm_backwards_are_the_derivatives():
     # and the value is the formula's
     rms = x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
     torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), x / rms * weight)
+
+
+def test_rms_norm_past_fp32_range_is_nan_not_a_quiet_zero():
+    """x^2 overflowing fp32 would make 1/rms 0: the output must be non-finite for the guard to see."""
+    from llmtrain.model.transformer import RMSNormFunction
+
+    x = torch.full((2, 8), 1e30)
+    assert torch.isnan(RMSNormFunction.apply(x, torch.ones(8), 1e-5)).all()
+    assert torch.isfinite(RMSNormFunction.apply(x / 1e12, torch.ones(8), 1e-5)).all()
