@@ -201,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     from throughput import prepare_stdlib, prepared_sources
 
     from llmtrain.data.tokenizer import tokenizer_identity
+    from llmtrain.errors import UserError
     from llmtrain.model.config import ModelConfig
 
-    if args.data_dir is not None:
-        data_dir = args.data_dir.resolve()
-        prepared_sources(data_dir)  # a clear error if it is not a prepared folder
-    else:
-        data_dir = prepare_stdlib(args.vocab, BENCH.parent / ".cache" / "bench")
+    try:
+        if args.data_dir is not None:
+            data_dir = args.data_dir.resolve()
+            prepared_sources(data_dir)  # a clear error if it is not a prepared folder
+        else:
+            data_dir = prepare_stdlib(args.vocab, BENCH.parent / ".cache" / "bench")
+    except UserError as err:  # e.g. a cached corpus from an older tokenizer config: one line, not a traceback
+        return fail(str(err))
     vocab = tokenizer_identity(data_dir).vocab_size
     if vocab > 65536:
         return fail(f"{data_dir}: vocab {vocab} does not fit nanoGPT's uint16 train.bin")
