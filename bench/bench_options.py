@@ -19,22 +19,12 @@ import sys
 import time
 
 import torch
+from ablate import GPT2, LLAMA, SHAPE  # the ablation's shape and model families: one definition
 
 from llmtrain.config import load_config
 from llmtrain.model import build_model
 
-SHAPE = [
-    "model.n_layers=4",
-    "model.d_model=128",
-    "model.n_heads=4",
-    "model.n_kv_heads=4",
-    "model.max_seq_len=256",
-    "model.dropout=0.0",
-    "train.seq_len=256",
-]
-GPT2 = ["model=gpt2_124m", "model.ffn_hidden=512", "model.tie_embeddings=true"]
-LLAMA = ["model=tiny", "model.ffn_hidden=344", "model.tie_embeddings=true"]
-RELU2 = ["model=tiny", "model.activation=relu2", "model.ffn_hidden=512", "model.tie_embeddings=true"]
+RELU2 = [*LLAMA, "model.activation=relu2", "model.ffn_hidden=512"]
 VARIANTS = {
     "gpt2": GPT2,
     "llama": LLAMA,

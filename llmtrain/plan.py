@@ -259,15 +259,14 @@ def activation_bytes(
     narrow = V * h * e if e != 4 else 0
     chunk = rows * V * (e + (4 if e != 4 else 0) + (4 if m.logit_softcap else 0))
     head = max(kept_head + chunk + narrow, 2 * kept_head + narrow)
-    log_probs = kept_head
     # A block's backward adds the incoming gradient and, in the MLP, gradients of its F-wide inputs.
     block_backward = tokens * (e * h + (2 if llama else 1) * e * F)
     if checkpointing:
         kept = inputs + L * tokens * e * h  # each block's input; its inside is recomputed
-        saved = kept + final_norm + log_probs
+        saved = kept + final_norm + kept_head
         peak = kept + max(final_norm + head, layer + block_backward)
     else:
-        saved = inputs + L * layer + final_norm + log_probs
+        saved = inputs + L * layer + final_norm + kept_head
         peak = inputs + L * layer + max(final_norm + head, block_backward)
     return Activations(saved=saved, peak=peak, per_layer=layer, head=head)
 
