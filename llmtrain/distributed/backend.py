@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import torch
 
 from llmtrain.config import Config
-from llmtrain.distributed.ds_config import build_ds_config, offloads_optimizer
+from llmtrain.distributed.device_step import DeviceStep, module_grad_norm
+from llmtrain.distributed.ds_config import build_ds_config, can_step_on_device, offloads_optimizer
 from llmtrain.errors import CheckpointError, ConfigError
 from llmtrain.train.optim import adamw, lr_scales
 
@@ -28,17 +29,16 @@ class TrainingBackend(Protocol):
 
     device: torch.device
     training: bool
+    steps_on_device: bool
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None): ...
     def train(self, mode: bool = True) -> None: ...
     def eval(self) -> None: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None: ...
-    def grad_norm(self) -> float | None: ...
-    def skipped_steps(self) -> int: ...
+    def step(self, *, measure_grad_norm: bool = False) -> None: ...
     @property
-    def checks_overflow(self) -> bool: ...
-    def grads_finite(self) -> torch.Tensor: ...
+    def last_skip(self) -> float | torch.Tensor: ...
+    def grad_norm(self) -> float | None: ...
     def set_lr(self, lr: float) -> None: ...
     def save(self, folder: Path, client_state: dict[str, Any]) -> None: ...
     def load(self, folder: Path) -> None: ...
@@ -76,6 +76,14 @@ class DeepSpeedBackend:
             settings.pop("lr", None)
         self._lr_scales = lr_scales(param_groups, cfg.optim)
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
+        self.steps_on_device = can_step_on_device(cfg, self.ds_config) and bool(
+            optimizer.defaults.get("fused")
+        )
+        """Clipping and the non-finite skip run inside the fused AdamW (llmtrain.distributed.device_step)."""
+        if self.steps_on_device:
+            self.ds_config = build_ds_config(
+                cfg, world_size, load_universal=load_universal, steps_on_device=True
+            )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.module = model
         if cfg.model.compile:
@@ -89,9 +97,12 @@ class DeepSpeedBackend:
         e = self.engine
         self._deepspeed_wraps_optimizer = e.zero_optimization() or e.fp16_enabled() or e.bfloat16_enabled()
         self._own_grad_norm: float | None = None
-        self._own_skips = 0
         self._skip_update = False
-        if not self.checks_overflow:
+        self._last_skip: float | torch.Tensor = 0.0
+        self._device_step: DeviceStep | None = None
+        if self.steps_on_device:
+            self._device_step = DeviceStep(optimizer, cfg.train.grad_clip, self._global_norm_source())
+        elif not self._deepspeed_wraps_optimizer:
             self._make_updates_skippable()
 
     # -- the step ------------------------------------------------------------------------------
@@ -121,29 +132,52 @@ class DeepSpeedBackend:
         flags = [torch.isfinite(p.grad).all() for p in self.module.parameters() if p.grad is not None]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
 
-    @property
-    def checks_overflow(self) -> bool:
-        """Whether DeepSpeed itself skips a step with non-finite gradients (counted in skipped_steps)."""
-        return self._deepspeed_wraps_optimizer
+    def step(self, *, measure_grad_norm: bool = False) -> None:
+        """DeepSpeed's step (it updates only at the accumulation boundary), skipping a non-finite update.
 
-    def step(self, *, skip: bool = False, measure_grad_norm: bool = False) -> None:
-        """DeepSpeed's step (it updates only at the accumulation boundary).
-
-        `skip` drops this update (only where DeepSpeed does not decide skips itself, see
-        `checks_overflow`). `measure_grad_norm` records the norm where DeepSpeed records none (fp32 ZeRO-0).
+        Who decides the skip: our fused AdamW on the device (`steps_on_device`); else DeepSpeed's
+        wrappers, on the host; else (fp32 ZeRO-0 with Muon, where DeepSpeed checks nothing) this method,
+        from the module's gradients, with one host read. `measure_grad_norm` records the norm on that
+        last path, where nobody else does.
         """
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and measure_grad_norm and not self._deepspeed_wraps_optimizer:
-            self._own_grad_norm = _local_grad_norm(self.module)
-        if boundary and skip:
-            if self.checks_overflow:
-                raise RuntimeError("step(skip=True) where DeepSpeed decides skips itself")
-            self._own_skips += 1
-        self._skip_update = boundary and skip
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return
+        skipped_before = self.engine.skipped_steps
+        if self._device_step is not None:
+            self._device_step.begin()
+        elif not self._deepspeed_wraps_optimizer:
+            if measure_grad_norm:
+                self._own_grad_norm = _local_grad_norm(self.module)
+            self._skip_update = not bool(self.grads_finite())
         try:
             self.engine.step()
         finally:
-            self._skip_update = False
+            skip, self._skip_update = self._skip_update, False
+        if self._device_step is not None and self._device_step.armed:
+            self._last_skip = self._device_step.found_inf
+        else:  # decided on the host, by DeepSpeed or above
+            self._last_skip = float(skip or self.engine.skipped_steps > skipped_before)
+
+    @property
+    def last_skip(self) -> float | torch.Tensor:
+        """Whether the last optimizer step dropped its update as non-finite: 1.0 or 0.0 where that was
+        decided on the host, a 0-dim float tensor on the device where it was decided there (reading it
+        waits for the step: read it where the loop reads the loss)."""
+        return self._last_skip
+
+    def _global_norm_source(self):
+        """Where DeviceStep reads this step's global gradient norm when the optimizer is about to step."""
+        if not self._deepspeed_wraps_optimizer:  # fp32 ZeRO-0: whole gradients, averaged over ranks
+            return lambda: module_grad_norm(self.module, self.device)
+        zero = self.engine.optimizer
+        if not hasattr(zero, "_global_grad_norm"):
+            raise RuntimeError(
+                f"{type(zero).__name__} records no _global_grad_norm; use train.step_on_device=false"
+            )
+        # ZeRO 1/2 set it (all-reduced, unscaled) before they step the optimizer; the engine copies it
+        # only afterwards, so get_global_grad_norm() would give the previous step's.
+        return lambda: zero._global_grad_norm
 
     def _make_updates_skippable(self) -> None:
         """Where DeepSpeed steps our torch optimizer directly (fp32 ZeRO-0), let `step(skip=True)` make
@@ -159,16 +193,14 @@ class DeepSpeedBackend:
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm (a host read: call it at logging steps only)."""
+        if self._device_step is not None and self._device_step.norm is not None:
+            return float(self._device_step.norm)
         if not self._deepspeed_wraps_optimizer:
             return self._own_grad_norm
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
-
-    def skipped_steps(self) -> int:
-        """Updates skipped so far, by DeepSpeed's overflow checks or by `step(skip=True)`."""
-        return int(self.engine.skipped_steps) + self._own_skips
 
     def set_lr(self, lr: float) -> None:
         """Set every parameter group's learning rate from the schedule's lr(step) (the schedule is

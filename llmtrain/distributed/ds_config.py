@@ -23,8 +23,14 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
-    """DeepSpeed's config dict from ours, with `deepspeed.config` merged over it."""
+def build_ds_config(
+    cfg: Config, world_size: int, *, load_universal: bool = False, steps_on_device: bool = False
+) -> dict[str, Any]:
+    """DeepSpeed's config dict from ours, with `deepspeed.config` merged over it.
+
+    `steps_on_device`: our fused AdamW clips and skips non-finite steps on the device
+    (llmtrain.distributed.device_step), so DeepSpeed is told to do neither.
+    """
     glob, accum = batch_layout(cfg, world_size)
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -46,9 +52,9 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
         "train_batch_size": glob,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(cfg.train.grad_clip),
+        "gradient_clipping": 0.0 if steps_on_device else float(cfg.train.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": not steps_on_device},
         "fp16": {
             "enabled": precision == "fp16",
             "loss_scale": 0,  # 0 = dynamic
@@ -69,3 +75,28 @@ def build_ds_config(cfg: Config, world_size: int, *, load_universal: bool = Fals
 def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in ("none", None)
+
+
+# Keys of `deepspeed.config` that change how DeepSpeed clips, checks or steps; with any of them set by
+# the user, DeepSpeed keeps those decisions (llmtrain.distributed.backend).
+_STEP_KEYS = ("gradient_clipping", "bf16", "fp16", "data_types", "optimizer")
+_ZERO_STEP_KEYS = ("stage", "compute_grad_norm", "offload_optimizer", "offload_param", "cpu_offload")
+
+
+def can_step_on_device(cfg: Config, ds_config: dict[str, Any]) -> bool:
+    """Whether clipping and the non-finite skip can move into our fused AdamW (see
+    llmtrain.distributed.device_step): where DeepSpeed then steps it with no host read of its own.
+
+    That is fp32 ZeRO-0 (DeepSpeed steps the optimizer directly) and bf16 ZeRO 1/2 (its optimizer
+    wrapper skips its checks when told to). fp16 needs DeepSpeed's loss scaler, ZeRO-3 and its bf16
+    ZeRO-0 wrapper read the norm on the host whatever they are told, and offload steps DeepSpeed's
+    CPU Adam.
+    """
+    if not cfg.train.step_on_device or cfg.optim.name != "adamw" or offloads_optimizer(ds_config):
+        return False
+    user, user_zero = cfg.deepspeed.config, cfg.deepspeed.config.get("zero_optimization") or {}
+    if any(key in user for key in _STEP_KEYS) or any(key in user_zero for key in _ZERO_STEP_KEYS):
+        return False
+    precision, _ = resolve_precision(cfg.train.precision)
+    stage = cfg.deepspeed.zero_stage
+    return (stage == 0 and precision == "fp32") or (stage in (1, 2) and precision == "bf16")

@@ -15,6 +15,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("online", "offline", "disabled")
 NONFINITE_ACTIONS = ("skip", "rollback", "stop")
+SYNC_DEBUG_MODES = ("off", "warn", "error")
 # Keys of the generated DeepSpeed config that the trainer and the loader rely on; a raw override of
 # them would make DeepSpeed's view of the batch differ from ours.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -40,6 +41,13 @@ class TrainConfig:
     bf16 (AVX-512 BF16, AMX, Arm BF16), fp32 on other CPUs, where bf16 matmuls run ~35x slower."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
+    step_on_device: bool = True
+    """Clip and skip non-finite updates inside the fused AdamW on the device, so no step waits on a host
+    read (fp32 ZeRO-0 and bf16 ZeRO 1/2 with optim=adamw; elsewhere DeepSpeed decides, reading the norm
+    on the host every step). False: DeepSpeed decides everywhere."""
+    sync_debug: str = "off"
+    """off | warn | error. On a GPU, torch.cuda.set_sync_debug_mode between logging steps: warn or fail
+    at any host synchronisation inside the training step (a CPU ignores it)."""
     val_every: int = 200
     """Validate every N steps (and at the end); 0 disables."""
     val_batches: int | None = 20
@@ -192,6 +200,7 @@ def check_train_config(train: TrainConfig, *, max_seq_len: int) -> None:
         f"{train.seq_len} exceeds model.max_seq_len={max_seq_len}",
     )
     check_choice(train.precision, PRECISIONS, "train.precision")
+    check_choice(train.sync_debug, SYNC_DEBUG_MODES, "train.sync_debug")
     check(
         train.grad_clip >= 0, "train.grad_clip", f"must not be negative (0 disables), got {train.grad_clip}"
     )

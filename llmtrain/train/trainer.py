@@ -45,11 +45,25 @@ class _Window:
     """What happened since the last log: summed on the device, read at the next log only."""
 
     loss_sum: torch.Tensor
-    micro_batches: int = 0
+    micro_batches: torch.Tensor  # of the applied updates
     steps: int = 0
     data_wait: float = 0.0
     excluded: float = 0.0  # seconds spent in validation / checkpoints, not counted as step time
     start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def empty(cls, device: torch.device) -> _Window:
+        return cls(loss_sum=torch.zeros((), device=device), micro_batches=torch.zeros((), device=device))
+
+    def add(self, step_loss: torch.Tensor, micro_batches: int, skipped: float | torch.Tensor) -> None:
+        """Count a step's summed loss unless its update was skipped (a host or a device flag)."""
+        if torch.is_tensor(skipped):
+            applied = skipped == 0
+            self.loss_sum += torch.where(applied, step_loss, 0.0)  # a skipped step's loss may be nan
+            self.micro_batches += applied.float() * micro_batches
+        elif not skipped:
+            self.loss_sum += step_loss
+            self.micro_batches += micro_batches
 
 
 def _config_yaml(cfg: Config) -> str:
@@ -412,11 +426,15 @@ class Trainer:
         flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
         peak = peak_flops(precision=cfg.train.precision) if device.type == "cuda" else None
         tokens_per_step = self.global_batch * cfg.train.seq_len
-        own_check = not self.backend.checks_overflow
 
-        self._say(self.precision_note)
+        where = "on the device" if self.backend.steps_on_device else "DeepSpeed's, on the host (a sync per step)"
+        self._say(f"{self.precision_note}; clipping and non-finite skips: {where}")
+        sync_debug = cfg.train.sync_debug != "off" and device.type == "cuda"
+        if cfg.train.sync_debug != "off" and not sync_debug:
+            self._say(f"train.sync_debug={cfg.train.sync_debug}: ignored on {device.type} (it watches a GPU)")
         self.backend.train()
-        window = _Window(loss_sum=torch.zeros((), device=device))
+        window = _Window.empty(device)
+        pending: list[tuple[int, float | torch.Tensor]] = []  # (step, skipped) not yet seen by the guard
         last_save = time.monotonic()
         saved_step = step = self.start_step
         save_pending = False  # a periodic save waiting for an applied update (see below)
@@ -427,38 +445,37 @@ class Trainer:
             lr = _lr(cfg, step)
             self.backend.set_lr(lr)
             logging_step = (step + 1) % cfg.logging.every_steps == 0 or step + 1 == max_steps
-            skipped_before = self.backend.skipped_steps()
+            if sync_debug and step > self.start_step:  # the run's first step sets up lazily
+                torch.cuda.set_sync_debug_mode(cfg.train.sync_debug)
             step_loss = torch.zeros((), device=device)
-            skip = False
-            for micro in range(self.accum):
+            for _ in range(self.accum):
                 t0 = time.perf_counter()
                 batch = self.train_loader.next_batch()
                 window.data_wait += time.perf_counter() - t0
                 inputs, targets, doc_ids = batch_to_device(batch, device, cfg.model.doc_mask)
                 loss = self.backend(inputs, targets, doc_ids)
                 self.backend.backward(loss)
-                if own_check and micro == self.accum - 1:
-                    # fp32 ZeRO-0 only: DeepSpeed checks nothing there (see llmtrain.train.guard).
-                    skip = not bool(self.backend.grads_finite())
-                self.backend.step(skip=skip, measure_grad_norm=logging_step)
+                self.backend.step(measure_grad_norm=logging_step)
                 step_loss += loss.detach().float()
-            skipped = skip or self.backend.skipped_steps() > skipped_before
-            if not skipped:
-                window.loss_sum += step_loss
-                window.micro_batches += self.accum
+            skipped = self.backend.last_skip
+            window.add(step_loss, self.accum, skipped)
+            if sync_debug:  # the logging, checkpoint and guard work below reads the device on purpose
+                torch.cuda.set_sync_debug_mode("default")
             step += 1
             window.steps += 1
+            pending.append((step, skipped))
             faults.maybe_fail("step", step)
-            verdict = self.guard.on_step(step, skipped=skipped)
-            if verdict.reason and verdict.action == "ok":  # stop / rollback report for themselves
-                self._say(verdict.reason)
-            if verdict.action != "ok":
-                step = self._act(verdict, step)
-                window = _Window(loss_sum=torch.zeros((), device=device))
-                continue
+            # The guard sees each step's skip at once where it was decided on the host; where it was
+            # decided on the device, at the next logging or checkpoint step (reading it is a sync).
+            save_now = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
+            if not torch.is_tensor(skipped) or logging_step or save_now or save_pending:
+                verdict = self._settle(pending)
+                if verdict.action != "ok":
+                    step = self._act(verdict, step)
+                    window = _Window.empty(device)
+                    continue
 
             # -- logging interval: the only per-step host sync, shared with the rank agreement
-            save_now = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             stop_now = False
             if step % cfg.logging.every_steps == 0 or step == max_steps:
                 self.phase = f"step {step}: agreeing on the logged metrics"
@@ -491,7 +508,7 @@ class Trainer:
                 self.metrics.log(step, record)
                 save_now = save_now or due_any
                 stop_now = stop_any
-                window = _Window(loss_sum=torch.zeros((), device=device))
+                window = _Window.empty(device)
                 if loss is not None:
                     verdict = self.guard.on_log(step, loss)
                     if verdict.reason and verdict.action == "ok":
@@ -527,10 +544,8 @@ class Trainer:
         """(mean loss over applied updates, save due on any rank, stop asked on any rank): one all-reduce."""
         import torch.distributed as dist
 
-        flags = torch.tensor(
-            [window.micro_batches, float(due), float(stopping)], dtype=torch.float32, device=self.device
-        )
-        packed = torch.cat([window.loss_sum.reshape(1), flags])
+        flags = torch.tensor([float(due), float(stopping)], dtype=torch.float32, device=self.device)
+        packed = torch.cat([window.loss_sum.reshape(1), window.micro_batches.reshape(1), flags])
         dist.all_reduce(packed)
         loss_sum, micro_batches, due_any, stop_any = packed.tolist()
         loss = loss_sum / micro_batches if micro_batches else None
@@ -555,6 +570,21 @@ class Trainer:
             f"in {saved['ckpt_s']:.2f} s)"
         )
         return saved
+
+    def _settle(self, pending: list[tuple[int, float | torch.Tensor]]) -> Verdict:
+        """The guard's verdict on the steps in `pending` (emptied), in order: the first that is not "ok",
+        reporting the skips it lets pass. Device-side flags are read in one transfer."""
+        on_device = [flag for _, flag in pending if torch.is_tensor(flag)]
+        read = iter(torch.stack(on_device).tolist() if on_device else ())
+        steps = [(step, next(read) if torch.is_tensor(flag) else flag) for step, flag in pending]
+        pending.clear()
+        for step, skipped in steps:
+            verdict = self.guard.on_step(step, skipped=skipped > 0)
+            if verdict.reason and verdict.action == "ok":  # stop / rollback report for themselves
+                self._say(verdict.reason)
+            if verdict.action != "ok":
+                return verdict
+        return Verdict("ok")
 
     def _act(self, verdict: Verdict, step: int) -> int:
         """Carry out a guard's `stop` or `rollback`; returns the step to continue from."""

@@ -14,12 +14,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from trainer_runs import TINY_RUN, train
 
 from llmtrain import faults
 
-LLMTRAIN = str(Path(__file__).resolve().parents[2] / "llmtrain")
+ROOT = Path(__file__).resolve().parents[2]
+OURS = (str(ROOT / "llmtrain"), str(ROOT / "kernels"))  # kernels/ is installed as llmtrain.kernels
+# Reads that only the CPU makes, where a sync costs nothing: on a GPU the same check is an on-device
+# assert (kernels/chunked_ce.py: `torch._assert_async` on a target out of range).
+CPU_ONLY = {"check_inputs"}
 TORCH = str(Path(torch.__file__).parent)
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
 
@@ -31,12 +36,51 @@ def _owner(frame) -> tuple[str, str] | None:
     if frame is None:
         return None
     path = frame.f_code.co_filename
-    who = "llmtrain" if path.startswith(LLMTRAIN) else "deepspeed" if "/deepspeed/" in path else "other"
+    if frame.f_code.co_name in CPU_ONLY and path.startswith(OURS):
+        return None
+    who = "llmtrain" if path.startswith(OURS) else "deepspeed" if "/deepspeed/" in path else "other"
     return who, f"{Path(path).name}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
 def test_no_llmtrain_host_sync_between_logging_steps(prepared_data, tmp_path, monkeypatch, restore_env):
-    log_every, steps = 3, 7  # logging steps 3, 6 and the last, 7
+    seen = _count_syncs(
+        prepared_data, tmp_path, monkeypatch, ["deepspeed=zero1", "train.step_on_device=false"]
+    )
+    inside = Counter()
+    for (after, who, where, name), n in seen.items():
+        if who == "deepspeed" and after >= 1:
+            inside[f"{where} .{name}()"] += n
+    per_step = {k: round(n / (STEPS - 1), 2) for k, n in inside.items()}
+    print(f"\nDeepSpeed's own host syncs per step (ZeRO-1, fp32, CPU, DeepSpeed decides): {per_step}")
+    assert inside, "DeepSpeed's own checks were expected to read the norm on the host"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        pytest.param(["deepspeed=zero0", "train.precision=fp32"], id="zero0-fp32"),
+        pytest.param(["deepspeed=zero1", "train.precision=bf16"], id="zero1-bf16"),
+        pytest.param(["deepspeed=zero2", "train.precision=bf16"], id="zero2-bf16", marks=pytest.mark.slow),
+    ],
+)
+def test_a_step_decided_on_the_device_makes_no_host_sync_at_all(
+    prepared_data, tmp_path, monkeypatch, restore_env, capsys, setting
+):
+    """Clipping and the non-finite skip inside the fused AdamW: between logging steps nobody reads the
+    device, not llmtrain, not DeepSpeed (train.step_on_device, llmtrain.distributed.device_step)."""
+    seen = _count_syncs(prepared_data, tmp_path, monkeypatch, [*setting, "train.grad_clip=0.5"])
+    assert "clipping and non-finite skips: on the device" in capsys.readouterr().err
+    logging_steps = {s for s in range(1, STEPS + 1) if s % LOG_EVERY == 0 or s == STEPS}
+    between = {k: n for k, n in seen.items() if k[0] >= 1 and k[0] not in logging_steps}
+    assert not between, f"host syncs after non-logging steps: {between}"
+
+
+LOG_EVERY, STEPS = 3, 7  # logging steps 3, 6 and the last, 7
+
+
+def _count_syncs(prepared_data, tmp_path, monkeypatch, setting: list[str]) -> Counter:
+    """Train STEPS steps in this process; {(after optimizer step N, who, where, call): count}."""
+    log_every, steps = LOG_EVERY, STEPS
     position = {"after_step": 0}  # the syncs seen after optimizer step N (0: set-up, then step 1)
     seen: Counter = Counter()
     real_maybe_fail = faults.maybe_fail
@@ -63,6 +107,7 @@ def test_no_llmtrain_host_sync_between_logging_steps(prepared_data, tmp_path, mo
     overrides = [
         *prepared_data.overrides,
         *TINY_RUN,
+        *setting,
         f"train.max_steps={steps}",
         f"logging.every_steps={log_every}",
         "checkpoint.every_steps=0",
@@ -78,9 +123,4 @@ def test_no_llmtrain_host_sync_between_logging_steps(prepared_data, tmp_path, mo
     between = {k: n for k, n in ours.items() if k[0] not in logging_steps}
     assert not between, f"host syncs from llmtrain after non-logging steps: {between}"
     assert {k[0] for k in ours} == logging_steps  # the counter sees the logging steps' own reads
-    inside = Counter()
-    for (after, who, where, name), n in seen.items():
-        if who == "deepspeed" and after >= 1:
-            inside[f"{where} .{name}()"] += n
-    per_step = {k: round(n / (steps - 1), 2) for k, n in inside.items()}
-    print(f"\nDeepSpeed's own host syncs per step (ZeRO-1, fp32, CPU): {per_step}")
+    return seen
