@@ -427,7 +427,9 @@ class Trainer:
         peak = peak_flops(precision=cfg.train.precision) if device.type == "cuda" else None
         tokens_per_step = self.global_batch * cfg.train.seq_len
 
-        where = "on the device" if self.backend.steps_on_device else "DeepSpeed's, on the host (a sync per step)"
+        where = (
+            "on the device" if self.backend.steps_on_device else "DeepSpeed's, on the host (a sync per step)"
+        )
         self._say(f"{self.precision_note}; clipping and non-finite skips: {where}")
         sync_debug = cfg.train.sync_debug != "off" and device.type == "cuda"
         if cfg.train.sync_debug != "off" and not sync_debug:
