@@ -2,7 +2,8 @@
 # One call's worth of GPU checks for a lent H100 / H200 (see shared/device/README.md), in under
 # 8 minutes: installs the wheels the machine lacks (./.whl, from shared/device/fetch_wheels.sh),
 # prints the GPU, driver, torch and CUDA versions, runs the tests that need a GPU (the compiled
-# Triton kernel cases, the kernel references, the MFU table), then bench/throughput.py for
+# Triton kernel cases, the kernel references, the MFU table, a training step with no host sync, pinned
+# batches), a llama_125m run under torch's sync-debug mode, then bench/throughput.py for
 # llama_125m at 1K context and llama_1b at 4K context in bf16 with the fused kernels (and, while
 # time is left, with torch.compile instead). Every step has a hard `timeout` and the whole script a
 # deadline (BUDGET_S); full logs and the JSON of each benchmark go to $OUT; a short table comes last.
@@ -112,6 +113,7 @@ BENCHES=(
   "llama_125m_1k_compile $M125 model.compile=true"
   "llama_1b_4k_compile $M1B model.compile=true"
 )
+SYNC_FREE="sync_free $M125 $KERNELS train.sync_debug=error"
 if [[ $DRY_RUN == 1 ]]; then # every benchmark's overrides must compose (a typo fails here, not on the GPU)
   COMPOSE='import shlex, sys
 from llmtrain.config import load_config
@@ -148,16 +150,26 @@ fi
 # -- tests that need a GPU: the Triton kernels compiled (not interpreted) against their references,
 # the PyTorch references and fallback, the sm_90 compile check, the MFU table on this device. The
 # interpreter run of the same cases is CPU work the CI already does.
-step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/triton_cases.py tests/kernels \
-  tests/model/test_flops.py \
+step tests 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels/triton_cases.py tests/kernels \
+  tests/model/test_flops.py tests/train/test_host_sync.py tests/data/test_loader.py::test_prefetch_pins_batches_for_the_gpu \
   --deselect tests/kernels/test_kernels_triton.py::test_triton_kernels_match_references_under_interpreter
 
 # -- the corpus the benchmarks train on (the model's vocabulary is the tokenizer's)
 step prepare 120 "$PYTHON" -m llmtrain prepare data=stdlib "data.dir=$DATA" "tokenizer.vocab_size=$VOCAB" \
   prepare.progress=false
 
-for entry in "${BENCHES[@]}"; do
+for entry in "${BENCHES[@]:0:2}"; do # the two MFU targets first
   # shellcheck disable=SC2086  # NAME and the overrides, split on spaces on purpose
+  bench $entry
+done
+
+# -- no host synchronisation inside a training step of the real preset: torch fails the run at the
+# first one (train.sync_debug=error), its stack in the log
+# shellcheck disable=SC2086  # the overrides, split on spaces on purpose
+step sync_free 100 "$PYTHON" bench/throughput.py --data-dir "$DATA" --warmup 2 --steps 6 ${SYNC_FREE#sync_free }
+
+for entry in "${BENCHES[@]:2}"; do
+  # shellcheck disable=SC2086
   bench $entry
 done
 

@@ -2,12 +2,12 @@
 "finishes" having skipped every step.
 
 Where the decision comes from, so no host sync is added on a GPU loop:
-- A non-finite gradient is caught before the update. Under fp16, bf16 and every ZeRO stage DeepSpeed
-  already checks it (with its own per-step host sync, see docs/performance.md) and skips the update;
-  the guard reads DeepSpeed's skip counter, a host integer. Only fp32 ZeRO-0, where DeepSpeed checks
-  nothing, asks the backend for an on-device finite flag and reads it (one sync per step on that
-  path, which is a CPU / debugging setup in practice). Gradients there are already all-reduced, so
-  every rank reads the same flag.
+- A non-finite gradient is caught before the update, from the global gradient norm, which every rank
+  shares. Where the fused AdamW decides (train.step_on_device: fp32 ZeRO-0 and bf16 ZeRO 1/2, see
+  llmtrain.distributed.device_step) the update is dropped on the device and the trainer hands the
+  guard each step's flag at the next logging or checkpoint step, in order (`on_step` for each), so
+  the guard acts there. Elsewhere DeepSpeed checks on the host every step (fp16, ZeRO-3) or the
+  backend does (fp32 ZeRO-0 with Muon), and the guard hears of each step at once.
 - A non-finite or spiking *logged* loss is seen at the logging interval, where the loss is read
   (summed over ranks) anyway.
 

@@ -124,3 +124,23 @@ def _count_syncs(prepared_data, tmp_path, monkeypatch, setting: list[str]) -> Co
     assert not between, f"host syncs from llmtrain after non-logging steps: {between}"
     assert {k[0] for k in ours} == logging_steps  # the counter sees the logging steps' own reads
     return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="watches a GPU's synchronisations")
+def test_a_gpu_step_makes_no_synchronizing_call(prepared_data, tmp_path, restore_env):
+    """On a GPU, torch itself watches: train.sync_debug=error fails the run at the first synchronising
+    call between logging steps (loader, model, loss, DeepSpeed's step), with its stack."""
+    overrides = [
+        *prepared_data.overrides,
+        *TINY_RUN,
+        "deepspeed=zero1",
+        "train.precision=bf16",
+        "train.sync_debug=error",
+        f"train.max_steps={STEPS}",
+        f"logging.every_steps={LOG_EVERY}",
+        "checkpoint.every_steps=0",
+        "checkpoint.at_end=false",
+        "train.val_every=0",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    assert train(overrides) == 0
