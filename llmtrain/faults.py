@@ -2,9 +2,9 @@
 
 The trainer calls `maybe_fail(point, step)` at the points below; with `LLMTRAIN_FAULT` unset that
 costs one dict lookup. The variable holds one or more comma-separated specs
-    POINT@STEP[:rank=R][:once=MARKER][:signal=NAME | :sleep=SECONDS]
+    POINT@STEP[:rank=R][:once=MARKER][:signal=NAME | :sleep=SECONDS | :nan]
 e.g. `LLMTRAIN_FAULT=step@4:rank=1:once=/tmp/fired` kills rank 1 right after optimizer step 4, once:
-a job restarted from its checkpoint runs through.
+a job restarted from its checkpoint runs through; `loss@3:rank=1:nan` blows up rank 1's loss of step 3.
 
     POINT          where the trainer calls maybe_fail(POINT, STEP)
       step           optimizer step STEP completed, before logging and saving
@@ -12,6 +12,7 @@ a job restarted from its checkpoint runs through.
       save_manifest  the manifest of step STEP is written, before COMPLETE and `latest`
       save_latest    COMPLETE is written, before `latest` moves to step STEP
       convert        rank 0 is about to convert the checkpoint of step STEP to the universal format
+      loss           the first micro-batch of optimizer step STEP has its loss, before the backward
     rank=R         only the process whose RANK (environment, default 0) is R; else every rank
     once=MARKER    only if the file MARKER does not exist; it is created (O_EXCL) before the signal,
                    so exactly one process of all ranks and restarts fires. The path can hold
@@ -19,6 +20,8 @@ a job restarted from its checkpoint runs through.
     signal=NAME    KILL (default), or another signal: STOP stalls the process (a hung rank, which
                    SIGCONT resumes), TERM, INT, ...
     sleep=SECONDS  instead of a signal, pause this long (a slow rank, e.g. a long conversion)
+    nan            instead of a signal, the trainer makes that value non-finite (at `loss`: NaN
+                   gradients on that rank only, as when one rank's batch blows up)
 
 A malformed spec or an unknown point is a UserError naming it, at the first call.
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 from llmtrain.errors import UserError
 
 ENV = "LLMTRAIN_FAULT"
-POINTS = ("step", "save_shards", "save_manifest", "save_latest", "convert")
+POINTS = ("step", "save_shards", "save_manifest", "save_latest", "convert", "loss")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Fault:
     signal: signal.Signals = signal.SIGKILL
     sleep: float | None = None
     """Seconds to pause instead of sending `signal`."""
+    nan: bool = False
+    """Instead of a signal: `maybe_fail` returns True and the caller poisons its value."""
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -60,7 +65,7 @@ def _parse_one(spec: str) -> Fault:
     def bad(why: str) -> UserError:
         return UserError(
             f"{ENV}: bad fault {spec!r}: {why} "
-            "(format: POINT@STEP[:rank=R][:once=PATH][:signal=NAME | :sleep=SECONDS])"
+            "(format: POINT@STEP[:rank=R][:once=PATH][:signal=NAME | :sleep=SECONDS | :nan])"
         )
 
     head, *options = spec.split(":")
@@ -71,6 +76,9 @@ def _parse_one(spec: str) -> Fault:
         raise bad(f"unknown point {point!r}; points: {', '.join(POINTS)}")
     fields: dict[str, object] = {}
     for option in options:
+        if option == "nan" and "nan" not in fields:
+            fields["nan"] = True
+            continue
         key, eq, value = option.partition("=")
         if not eq or not value or key in fields:
             raise bad(
@@ -94,8 +102,8 @@ def _parse_one(spec: str) -> Fault:
                 raise bad(f"sleep {value!r} is not a number of seconds") from None
         else:
             raise bad(f"unknown option {key!r}")
-    if "signal" in fields and "sleep" in fields:
-        raise bad("signal and sleep exclude each other")
+    if sum(key in fields for key in ("signal", "sleep", "nan")) > 1:
+        raise bad("signal, sleep and nan exclude each other")
     return Fault(point=point, step=int(step), **fields)  # type: ignore[arg-type]
 
 
@@ -111,26 +119,36 @@ def _load_plan() -> dict[str, list[Fault]]:
     return plan
 
 
-def maybe_fail(point: str, step: int) -> None:
-    """Send this process the signal of a LLMTRAIN_FAULT spec that matches (point, step, RANK)."""
+def maybe_fail(point: str, step: int) -> bool:
+    """Send this process the signal of a LLMTRAIN_FAULT spec that matches (point, step, RANK); True
+    when the matching spec is a `nan` one, which the caller carries out."""
     plan = _plan if _plan is not None else _load_plan()
     faults = plan.get(point)
     if not faults:
-        return
+        return False
     rank = int(os.environ.get("RANK", "0"))
     for fault in faults:
         if fault.step == step and fault.rank in (None, rank) and _claim(fault, rank):
-            what = f"sleep {fault.sleep:g} s" if fault.sleep is not None else fault.signal.name
+            what = (
+                "nan"
+                if fault.nan
+                else f"sleep {fault.sleep:g} s"
+                if fault.sleep is not None
+                else fault.signal.name
+            )
             print(
                 f"llmtrain: fault injection ({ENV}): {what} at {point}@{step} on rank {rank} (pid {os.getpid()})",
                 file=sys.stderr,
                 flush=True,
             )
             sys.stdout.flush()
+            if fault.nan:
+                return True
             if fault.sleep is not None:
                 time.sleep(fault.sleep)
             else:
                 os.kill(os.getpid(), fault.signal)  # KILL does not return; STOP returns on SIGCONT
+    return False
 
 
 def _claim(fault: Fault, rank: int) -> bool:

@@ -34,6 +34,7 @@ def test_specs_parse_with_their_options():
     ]
     assert parse_faults("save_latest@2:signal=sigterm")[0].signal is signal.SIGTERM
     assert parse_faults("convert@3:rank=0:sleep=2.5") == [Fault("convert", 3, rank=0, sleep=2.5)]
+    assert parse_faults("loss@3:rank=1:nan") == [Fault("loss", 3, rank=1, nan=True)]
 
 
 @pytest.mark.parametrize(
@@ -47,13 +48,26 @@ def test_specs_parse_with_their_options():
         ("step@3:when=now", "unknown option 'when'"),
         ("step@3:signal=BOGUS", "unknown signal 'BOGUS'"),
         ("step@3:sleep=long", "sleep 'long' is not a number"),
-        ("step@3:sleep=1:signal=TERM", "signal and sleep exclude each other"),
+        ("step@3:sleep=1:signal=TERM", "signal, sleep and nan exclude each other"),
+        ("loss@3:nan:sleep=1", "signal, sleep and nan exclude each other"),
     ],
 )
 def test_malformed_spec_names_the_variable_and_the_spec(spec, why):
     with pytest.raises(UserError, match="LLMTRAIN_FAULT") as err:
         parse_faults(f"step@1,{spec}")
     assert repr(spec) in str(err.value) and why in str(err.value)
+
+
+def test_a_nan_fault_fires_once_for_its_rank_and_step_and_tells_the_caller(monkeypatch, capsys):
+    monkeypatch.setenv(faults.ENV, "loss@3:rank=1:nan")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(faults, "_plan", None)
+    assert [faults.maybe_fail("loss", step) for step in (1, 2, 3, 4)] == [False, False, True, False]
+    assert not faults.maybe_fail("step", 3)
+    assert "nan at loss@3 on rank 1" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(faults, "_plan", None)
+    assert not faults.maybe_fail("loss", 3)
 
 
 def test_unset_variable_never_fires(monkeypatch):

@@ -450,12 +450,14 @@ class Trainer:
             if sync_debug and step > self.start_step:  # the run's first step sets up lazily
                 torch.cuda.set_sync_debug_mode(cfg.train.sync_debug)
             step_loss = torch.zeros((), device=device)
-            for _ in range(self.accum):
+            for micro in range(self.accum):
                 t0 = time.perf_counter()
                 batch = self.train_loader.next_batch()
                 window.data_wait += time.perf_counter() - t0
                 inputs, targets, doc_ids = batch_to_device(batch, device, cfg.model.doc_mask)
                 loss = self.backend(inputs, targets, doc_ids)
+                if micro == 0 and faults.maybe_fail("loss", step + 1):
+                    loss = loss * float("nan")  # LLMTRAIN_FAULT=loss@N:nan, one rank's blow-up
                 self.backend.backward(loss)
                 self.backend.step(measure_grad_norm=logging_step)
                 step_loss += loss.detach().float()

@@ -139,3 +139,33 @@ def test_which_settings_step_on_device_and_what_deepspeed_is_told(overrides, on_
         assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["check_grad_overflow"] is False
     else:
         assert ds["gradient_clipping"] == cfg.deepspeed.config.get("gradient_clipping", cfg.train.grad_clip)
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both_ranks_as_deepspeed_skips_it(runs):
+    """2 CPU ranks, bf16 ZeRO-2, rank 1's loss of step 3 is NaN (LLMTRAIN_FAULT=loss@3:rank=1:nan): the
+    all-reduced norm is NaN on both ranks, both drop that update, and the run goes on exactly as when
+    DeepSpeed decides on the host (train.step_on_device=false), step for step."""
+    from dist_jobs import check, deepspeed_job, grad_norms, losses
+
+    got = {}
+    for on_device in (True, False):
+        run_dir = runs.root / f"nan_rank1_{on_device}"
+        overrides = runs.overrides(
+            run_dir,
+            "deepspeed.zero_stage=2",
+            "train.precision=bf16",
+            "train.grad_clip=1.0",
+            "train.val_every=0",
+            f"train.step_on_device={on_device}",
+        )
+        result = check(deepspeed_job(overrides, cwd=runs.root, LLMTRAIN_FAULT="loss@3:rank=1:nan"))
+        where = "on the device" if on_device else "DeepSpeed's, on the host"
+        assert f"clipping and non-finite skips: {where}" in result.stderr
+        assert "step 3: non-finite gradient norm, update skipped" in result.stderr
+        got[on_device] = losses(run_dir), grad_norms(run_dir)
+    (device, device_norms), (host, host_norms) = got[True], got[False]
+    assert sorted(device) == sorted(host) == [1, 2, 3, 4, 5, 6]
+    assert device[3] is None and host[3] is None  # no applied update to average
+    for step in (1, 2, 4, 5, 6):
+        assert device[step] == pytest.approx(host[step], rel=2e-3), step
+        assert device_norms[step] == pytest.approx(host_norms[step], rel=2e-2), step
