@@ -42,16 +42,19 @@ def _owner(frame) -> tuple[str, str] | None:
     return who, f"{Path(path).name}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
-def test_no_llmtrain_host_sync_between_logging_steps(prepared_data, tmp_path, monkeypatch, restore_env):
-    seen = _count_syncs(
-        prepared_data, tmp_path, monkeypatch, ["deepspeed=zero1", "train.step_on_device=false"]
-    )
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_llmtrain_host_sync_between_logging_steps(
+    prepared_data, tmp_path, monkeypatch, restore_env, precision
+):
+    """Where DeepSpeed decides clip and skip (train.step_on_device=false): its own reads are counted."""
+    setting = ["deepspeed=zero1", f"train.precision={precision}", "train.step_on_device=false"]
+    seen = _count_syncs(prepared_data, tmp_path, monkeypatch, setting)
     inside = Counter()
     for (after, who, where, name), n in seen.items():
         if who == "deepspeed" and after >= 1:
             inside[f"{where} .{name}()"] += n
     per_step = {k: round(n / (STEPS - 1), 2) for k, n in inside.items()}
-    print(f"\nDeepSpeed's own host syncs per step (ZeRO-1, fp32, CPU, DeepSpeed decides): {per_step}")
+    print(f"\nDeepSpeed's own host syncs per step (ZeRO-1, {precision}, CPU, DeepSpeed decides): {per_step}")
     assert inside, "DeepSpeed's own checks were expected to read the norm on the host"
 
 
