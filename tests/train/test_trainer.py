@@ -195,6 +195,26 @@ def test_a_precision_the_device_lacks_is_a_config_error(overrides):
         train([*overrides("fp16"), "train.precision=fp16"])
 
 
+def test_muon_at_fp32_zero0_is_skipped_by_the_backends_own_check(overrides, monkeypatch, capsys):
+    """Muon cannot skip on the device and DeepSpeed checks nothing at fp32 ZeRO-0: the backend reads
+    the gradients' finiteness itself and drops the update (LLMTRAIN_FAULT makes step 2's loss NaN)."""
+    from llmtrain import faults
+
+    monkeypatch.setenv(faults.ENV, "loss@2:nan")
+    monkeypatch.setattr(faults, "_plan", None)
+    ov = overrides(
+        "muon_zero0_nan", "optim=muon", "train.grad_clip=0", "deepspeed=zero0", "train.val_every=0"
+    )
+    assert train(ov) == 0
+    monkeypatch.setattr(faults, "_plan", None)
+    err = capsys.readouterr().err
+    assert "clipping and non-finite skips: DeepSpeed's, on the host" in err
+    assert "llmtrain train: step 2: non-finite gradient norm, update skipped" in err
+    got = {r["step"]: r for r in read_metrics(load_config(ov).run_dir / "metrics.jsonl") if "lr" in r}
+    assert got[2]["loss"] is None and got[2]["skipped_steps"] == 1
+    assert all(math.isfinite(got[s]["loss"]) for s in (1, 3, 4)) and got[4]["skipped_steps"] == 1
+
+
 def test_fp32_zero0_skips_non_finite_updates_and_stops_after_five(overrides):
     """The path where DeepSpeed checks nothing: the guard's own check skips each non-finite update
     (weights untouched) and stops the run, non-zero, after guard.max_consecutive_skips in a row."""
