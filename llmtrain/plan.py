@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from llmtrain.config import Config, batch_layout
+from llmtrain.distributed.ds_config import overlaps_comm
 from llmtrain.errors import ConfigError
 from llmtrain.kernels.chunked_ce import MIN_CHUNK_CUDA, default_chunk_size
 from llmtrain.model.config import ModelConfig
@@ -297,6 +298,7 @@ def make_plan(cfg: Config) -> Plan:
     world = cfg.plan.world_size
     precision = "bf16" if cfg.train.precision == "auto" else cfg.train.precision
     stage, offload_opt, offload_params, zero = zero_settings(cfg)
+    zero.setdefault("overlap_comm", overlaps_comm(world, on_gpu=True))  # as the GPU ranks will run
     params = count_parameters(model_cfg)
     _, accumulation = batch_layout(cfg, world)
     terms = state_terms(

@@ -235,7 +235,8 @@ class DeepSpeedBackend:
         self._repair_after_load()
 
     def _repair_after_load(self) -> None:
-        """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), harmless on every other path.
+        """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19), harmless on every other path,
+        and put back this run's gradient clip, which every ZeRO load overwrites with the saved one.
 
         It copies group 0's hyperparameters onto every group (the no-decay group would get weight
         decay, an AdamW group Muon's tag) and puts ONE `step` tensor into the state of every sub-group, so each optimizer step
@@ -249,6 +250,10 @@ class DeepSpeedBackend:
             )
         for group, settings in zip(groups, self._group_settings):
             group.update(settings)  # weight decay, betas, eps; Muon's use_muon, momentum, ns_method
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            # ZeRO's optimizer state carries the clip it was saved with and loading restores it; the
+            # clip is this run's (0 where the fused AdamW clips on the device, or it would clip twice).
+            self.engine.optimizer.clip_grad = float(self.ds_config["gradient_clipping"])
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         for state in getattr(inner, "state", {}).values():
             if torch.is_tensor(state.get("step")):

@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 
 # DeepSpeed's epsilon in its clip factor (stage_1_and_2.unscale_and_clip_grads), kept so that a clipped
-# update is the one DeepSpeed would have made.
+# update is the one DeepSpeed would have made, within fp32 rounding (it multiplies by the reciprocal,
+# the fused kernel divides).
 _CLIP_EPS = 1e-6
 
 

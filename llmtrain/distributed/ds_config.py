@@ -35,10 +35,11 @@ def build_ds_config(
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage in (1, 2):
-        # On GPUs: contiguous gradient buffers (less fragmentation) and reduction overlapped with the
-        # backward pass. On CPU ranks both only add copies (measured: ZeRO-1 on one process went from
-        # 9% to 3% slower than a bare loop without the contiguous buffer).
-        zero.update(contiguous_gradients=has_gpu(), overlap_comm=has_gpu())
+        # On GPUs: contiguous gradient buffers (less fragmentation), and the reduction overlapped with
+        # the backward pass where there is a reduction to overlap. On CPU ranks both only add copies
+        # (measured: ZeRO-1 on one process went from 9% to 3% slower than a bare loop without the
+        # contiguous buffer).
+        zero.update(contiguous_gradients=has_gpu(), overlap_comm=overlaps_comm(world_size, on_gpu=has_gpu()))
     if cfg.optim.name == "muon" and ds.zero_stage == 3:
         # ZeRO-3's Muon gathers each whole gradient matrix to orthogonalize it; DeepSpeed refuses that
         # together with its reduce-scatter of gradient partitions
@@ -65,11 +66,24 @@ def build_ds_config(
         },
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
+        # DeepSpeed's samples/s timer is on by default and synchronizes the whole device at every
+        # forward and every step (utils/timer.py); we time steps ourselves, with CUDA events.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         # We hand DeepSpeed a torch AdamW; ZeRO accepts it, but only after this opt-in.
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": load_universal},
     }
     return deep_merge(config, ds.config)
+
+
+def overlaps_comm(world_size: int, *, on_gpu: bool) -> bool:
+    """ZeRO 1/2's `overlap_comm`: on GPUs, and only with more than one rank.
+
+    With it DeepSpeed 0.19.8 calls `get_accelerator().synchronize()` (the whole device, from the host)
+    before each bucket's reduction and after the backward (stage_1_and_2.py), several host syncs per
+    step; that buys the overlap of reduction with the backward, which a single rank does not have.
+    """
+    return on_gpu and world_size > 1
 
 
 def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
@@ -79,7 +93,7 @@ def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
 
 # Keys of `deepspeed.config` that change how DeepSpeed clips, checks or steps; with any of them set by
 # the user, DeepSpeed keeps those decisions (llmtrain.distributed.backend).
-_STEP_KEYS = ("gradient_clipping", "bf16", "fp16", "data_types", "optimizer")
+_STEP_KEYS = ("gradient_clipping", "bf16", "fp16", "data_types", "optimizer", "torch_autocast")
 _ZERO_STEP_KEYS = ("stage", "compute_grad_norm", "offload_optimizer", "offload_param", "cpu_offload")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from llmtrain.config import load_config
 from llmtrain.distributed.device_step import DeviceStep, module_grad_norm
 from llmtrain.distributed.ds_config import build_ds_config, can_step_on_device
+from llmtrain.train.metrics import read_metrics
 
 
 def _optimizer(fused: bool = True):
@@ -139,6 +142,7 @@ def test_which_settings_step_on_device_and_what_deepspeed_is_told(overrides, on_
         assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["check_grad_overflow"] is False
     else:
         assert ds["gradient_clipping"] == cfg.deepspeed.config.get("gradient_clipping", cfg.train.grad_clip)
+        assert ds["bf16"]["check_grad_overflow"] is True
 
 
 @pytest.mark.parametrize(
@@ -165,6 +169,7 @@ def test_a_nan_on_one_rank_is_skipped_by_both_ranks_as_deepspeed_skips_it(runs, 
             "train.grad_clip=1.0",
             "train.val_every=0",
             "train.max_steps=4",
+            "logging.every_steps=2",  # the device's flags are read at steps 2 and 4
             "checkpoint.every_steps=0",
             "checkpoint.at_end=false",
             f"train.step_on_device={on_device}",
@@ -174,10 +179,14 @@ def test_a_nan_on_one_rank_is_skipped_by_both_ranks_as_deepspeed_skips_it(runs, 
         assert f"clipping and non-finite skips: {where}" in result.stderr
         assert "step 2: non-finite gradient norm, update skipped" in result.stderr
         got[on_device] = losses(run_dir), grad_norms(run_dir)
+        skipped = {
+            r["step"]: r["skipped_steps"] for r in read_metrics(run_dir / "metrics.jsonl") if "lr" in r
+        }
+        assert skipped == {2: 1, 4: 1}
     (device, device_norms), (host, host_norms) = got[True], got[False]
-    assert sorted(device) == sorted(host) == [1, 2, 3, 4]
-    assert device[2] is None and host[2] is None  # no applied update to average
-    assert max(host_norms[step] for step in (3, 4)) > 1.0
-    for step in (1, 3, 4):
+    assert sorted(device) == sorted(host) == [2, 4]  # step 2's interval: step 1's loss alone
+    for step in (2, 4):
         assert device[step] == pytest.approx(host[step], rel=rel), step
-        assert device_norms[step] == pytest.approx(host_norms[step], rel=10 * rel), step
+    for norm in (device_norms[2], host_norms[2]):  # step 2's own norm: logged as null or non-finite
+        assert norm is None or not math.isfinite(norm)
+    assert device_norms[4] == pytest.approx(host_norms[4], rel=10 * rel)

@@ -88,21 +88,56 @@ def test_clipped_training_matches_deepspeeds_own_clipping(overrides, setting, re
         )
 
 
-def test_a_skipped_step_is_reported_and_left_out_of_the_interval_loss(overrides, poison_step, capsys):
-    poison_step(2)
-    ov = overrides(
-        "skip", *BF16_ZERO1, "train.max_steps=6", "logging.every_steps=3", "checkpoint.every_steps=0"
-    )
-    assert train(ov) == 0
-    err = capsys.readouterr().err
-    assert "clipping and non-finite skips: on the device" in err
-    assert err.count("llmtrain train: step 2: non-finite gradient norm, update skipped") == 1
-    got = records(ov)
-    assert sorted(got) == [3, 6]
-    assert got[3]["skipped_steps"] == 1 and got[6]["skipped_steps"] == 1
+def test_a_skipped_step_is_reported_and_left_out_of_the_interval_loss(overrides, monkeypatch, capsys):
+    """Step 2 poisoned; logged every step, then every 3 steps (the same training either way)."""
+    from llmtrain import faults
+
+    got = {}
+    for every in (1, 3):
+        monkeypatch.setenv(faults.ENV, "loss@2:nan")
+        monkeypatch.setattr(faults, "_plan", None)
+        ov = overrides(
+            f"skip{every}",
+            *BF16_ZERO1,
+            "train.max_steps=6",
+            f"logging.every_steps={every}",
+            "checkpoint.every_steps=0",
+        )
+        assert train(ov) == 0
+        err = capsys.readouterr().err
+        assert "clipping and non-finite skips: on the device" in err
+        assert err.count("llmtrain train: step 2: non-finite gradient norm, update skipped") == 1
+        got[every] = records(ov)
+    monkeypatch.setattr(faults, "_plan", None)
+    each, deferred = got[1], got[3]
     assert (
-        isinstance(got[3]["loss"], float) and got[3]["loss"] == got[3]["loss"]
-    )  # steps 1 and 3 only: finite
+        sorted(deferred) == [3, 6] and deferred[3]["skipped_steps"] == 1 and deferred[6]["skipped_steps"] == 1
+    )
+    assert each[2]["loss"] is None
+    # the interval's mean over its applied updates (2 micro-batches each): steps 1 and 3, not step 2
+    assert deferred[3]["loss"] == pytest.approx((each[1]["loss"] + each[3]["loss"]) / 2, rel=1e-6)
+    assert deferred[6]["loss"] == pytest.approx(sum(each[s]["loss"] for s in (4, 5, 6)) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "first, then", [(False, True), (True, False)], ids=["host-then-device", "device-then-host"]
+)
+def test_a_resume_across_the_setting_clips_once(overrides, first, then):
+    """ZeRO's optimizer checkpoint carries the clip it was saved with, and DeepSpeed's load restores
+    it: a run resumed with the other train.step_on_device would clip twice, or not at all."""
+    from llmtrain.distributed import runtime
+    from llmtrain.train.trainer import Trainer
+
+    common = [*BF16_ZERO1, "train.grad_clip=1.0", "checkpoint.every_steps=2"]
+    ov = overrides(f"resume-{first}", *common, "train.max_steps=2", f"train.step_on_device={first}")
+    assert train(ov) == 0
+    cfg = load_config(
+        overrides(f"resume-{first}", *common, "train.max_steps=4", f"train.step_on_device={then}")
+    )
+    trainer = Trainer(cfg, runtime.init_distributed(timeout_s=cfg.train.collective_timeout_s))
+    assert trainer.start_step == 2
+    assert trainer.backend.engine.optimizer.clip_grad == (0.0 if then else 1.0)
+    assert trainer.fit() == 0
 
 
 def test_guard_stop_names_the_skipped_step_at_the_next_logging_step(overrides, poison_step, capsys):

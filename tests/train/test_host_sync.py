@@ -3,9 +3,11 @@
 On a GPU every `.item()`, `.tolist()`, `bool(tensor)`, `float(tensor)` or copy to the host waits for
 the device to finish all queued work; one per step is enough to idle the GPU between steps. On CPU
 they cost nothing, so timing cannot show them: this test counts them instead. It wraps those
-tensor methods, runs a real training loop (in this process, ZeRO-1) and attributes each call to the
-first frame outside torch: llmtrain's calls may only come after a logging step (the one agreed
-all-reduce of the interval); DeepSpeed's own are counted and shown (see docs/performance.md).
+tensor methods and DeepSpeed's `get_accelerator().synchronize()` (a device-wide wait on a GPU, a
+no-op here but still called), runs a real training loop in this process and attributes each call to
+the first frame outside torch. llmtrain's calls may only come after a logging step (the one agreed
+all-reduce of the interval). Where clipping and the skip run on the device nobody may make one
+between logging steps; where DeepSpeed decides, its own are counted and shown (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,10 +90,10 @@ def _count_syncs(prepared_data, tmp_path, monkeypatch, setting: list[str]) -> Co
     seen: Counter = Counter()
     real_maybe_fail = faults.maybe_fail
 
-    def step_marker(point: str, step: int) -> None:
+    def step_marker(point: str, step: int) -> bool:
         if point == "step":
             position["after_step"] = step
-        real_maybe_fail(point, step)
+        return real_maybe_fail(point, step)
 
     def counting(name):
         real = getattr(torch.Tensor, name)
@@ -107,6 +109,19 @@ def _count_syncs(prepared_data, tmp_path, monkeypatch, setting: list[str]) -> Co
     monkeypatch.setattr(faults, "maybe_fail", step_marker)
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
+    # DeepSpeed's own device-wide waits (a no-op on a CPU, still called where a GPU would wait)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    real_synchronize = accelerator.synchronize
+
+    def counting_synchronize(*args, **kwargs):
+        owner = _owner(sys._getframe(1))
+        if owner is not None:
+            seen[(position["after_step"], owner[0], owner[1], "accelerator.synchronize")] += 1
+        return real_synchronize(*args, **kwargs)
+
+    monkeypatch.setattr(accelerator, "synchronize", counting_synchronize)
     overrides = [
         *prepared_data.overrides,
         *TINY_RUN,
