@@ -76,11 +76,8 @@ class DeepSpeedBackend:
             settings.pop("lr", None)
         self._lr_scales = lr_scales(param_groups, cfg.optim)
         optimizer = _build_optimizer(param_groups, cfg, self.ds_config)
-        self.steps_on_device = can_step_on_device(cfg, self.ds_config) and bool(
-            optimizer.defaults.get("fused")
-        )
-        """Clipping and the non-finite skip run inside the fused AdamW (llmtrain.distributed.device_step)."""
-        if self.steps_on_device:
+        on_device = can_step_on_device(cfg, self.ds_config) and bool(optimizer.defaults.get("fused"))
+        if on_device:
             self.ds_config = build_ds_config(
                 cfg, world_size, load_universal=load_universal, steps_on_device=True
             )
@@ -100,7 +97,7 @@ class DeepSpeedBackend:
         self._skip_update = False
         self._last_skip: float | torch.Tensor = 0.0
         self._device_step: DeviceStep | None = None
-        if self.steps_on_device:
+        if on_device:
             self._device_step = DeviceStep(optimizer, cfg.train.grad_clip, self._global_norm_source())
         elif not self._deepspeed_wraps_optimizer:
             self._make_updates_skippable()
@@ -123,7 +120,12 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def grads_finite(self) -> torch.Tensor:
+    @property
+    def steps_on_device(self) -> bool:
+        """Clipping and the non-finite skip run inside the fused AdamW (llmtrain.distributed.device_step)."""
+        return self._device_step is not None
+
+    def _grads_finite(self) -> torch.Tensor:
         """A 0-dim bool tensor on the device: every gradient held by the module is finite (no sync).
 
         Meaningful where the module holds whole gradients (ZeRO-0); ZeRO 1-3 partition them and
@@ -148,8 +150,8 @@ class DeepSpeedBackend:
             self._device_step.begin()
         elif not self._deepspeed_wraps_optimizer:
             if measure_grad_norm:
-                self._own_grad_norm = _local_grad_norm(self.module)
-            self._skip_update = not bool(self.grads_finite())
+                self._own_grad_norm = float(module_grad_norm(self.module, self.device))
+            self._skip_update = not bool(self._grads_finite())
         try:
             self.engine.step()
         finally:
@@ -416,11 +418,3 @@ def _muon(param_groups: list[dict]) -> torch.optim.Optimizer:
         adam_optimizer_kwargs={"fused": True} if fused else {"foreach": True},
         adam_w_mode=True,
     )
-
-
-def _local_grad_norm(model: torch.nn.Module) -> float:
-    """Norm of the gradients held in the module: whole and averaged over ranks under fp32 ZeRO-0."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
